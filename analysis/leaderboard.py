@@ -1,0 +1,612 @@
+"""Leaderboards (Markdown, CSV, HTML) from the run records of a results directory."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.records import METRIC_PREFIX, STATUSES, records_frame, scan_records
+
+GLUE_TASKS = (
+    "glue/cola",
+    "glue/sst2",
+    "glue/mrpc",
+    "glue/stsb",
+    "glue/qqp",
+    "glue/mnli",
+    "glue/qnli",
+    "glue/rte",
+)
+#: Metric used for the GLUE average where it differs from the task's main metric.
+GLUE_AVG_METRIC = {"glue/stsb": "pearson"}
+#: Metric names treated as lower-is-better when no record states a direction.
+LOWER_IS_BETTER_HINTS = ("loss", "error", "perplexity", "mse", "mae", "rmse")
+
+MISSING = "—"
+KEYS = ["method", "model", "task"]
+CSV_NAME, MD_NAME, HTML_NAME = "leaderboard.csv", "leaderboard.md", "leaderboard.html"
+
+
+class NoRecordsError(FileNotFoundError):
+    """No readable run record was found in a results directory."""
+
+
+# ---------------------------------------------------------------------------
+# Ordering and formatting helpers
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """``full`` first, then alphabetical."""
+    return sorted(set(methods), key=lambda m: (m != "full", m))
+
+
+def task_order(tasks: Iterable[str]) -> list[str]:
+    """GLUE subtasks in the usual GLUE order, then the rest alphabetically."""
+    glue_rank = {task: i for i, task in enumerate(GLUE_TASKS)}
+    return sorted(set(tasks), key=lambda t: (glue_rank.get(t, len(GLUE_TASKS)), t))
+
+
+def human_count(n: float) -> str:
+    """339K, 22.7M, 1.1B; small counts as integers; NaN as ``—``."""
+    if n is None or pd.isna(n):
+        return MISSING
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        rounded = float(f"{n / scale:.3g}")
+        if abs(rounded) >= 1:
+            return f"{rounded:g}{unit}"
+    return f"{int(n)}"
+
+
+def human_bytes(n: float) -> str:
+    """Decimal MB/GB."""
+    if n is None or pd.isna(n):
+        return MISSING
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    if n >= 1e7:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e6:.1f} MB"
+
+
+def human_duration(seconds: float) -> str:
+    """Seconds, minutes or hours with one decimal."""
+    if seconds is None or pd.isna(seconds):
+        return MISSING
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def human_step(seconds: float) -> str:
+    """Step time in ms below one second, else seconds."""
+    if seconds is None or pd.isna(seconds):
+        return MISSING
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def memory_label(n_bytes: float, kind: object) -> str:
+    """``1.2 GB RSS``; the kind is upper-cased and omitted when unknown."""
+    if n_bytes is None or pd.isna(n_bytes):
+        return MISSING
+    kind_text = f" {str(kind).upper()}" if isinstance(kind, str) and kind else ""
+    return human_bytes(n_bytes) + kind_text
+
+
+def first_line(text: object, limit: int = 200) -> str:
+    """The first non-empty line of ``text``, cut to ``limit`` characters."""
+    text = text if isinstance(text, str) else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _mode(values: pd.Series) -> object:
+    modes = values.dropna().mode()
+    return modes.iloc[0] if len(modes) else None
+
+
+# ---------------------------------------------------------------------------
+# The leaderboard
+
+
+@dataclass
+class Leaderboard:
+    """Aggregated results and the display tables built from them.
+
+    ``summary`` is the CSV table (raw metric values, one row per method × model × task);
+    ``model_tables`` and ``task_tables`` hold display strings keyed by model / task.
+    """
+
+    summary: pd.DataFrame
+    model_tables: dict[str, pd.DataFrame]
+    task_tables: dict[str, pd.DataFrame]
+    glue: pd.DataFrame
+    problems: pd.DataFrame
+    status_counts: dict[str, int]
+    footnotes: list[str]
+    records_read: int
+    cells: int
+    modal_seeds: int
+    skipped_files: int = 0
+    source: str | None = None
+    task_headings: dict[str, str] = field(default_factory=dict)
+
+    # -- text pieces shared by Markdown and HTML
+
+    def status_line(self) -> str:
+        """How many records were read and the status of the run cells."""
+        where = f" from {self.source}" if self.source else ""
+        skipped = ""
+        if self.skipped_files:
+            s = "s" if self.skipped_files != 1 else ""
+            skipped = f" ({self.skipped_files} unreadable file{s} skipped)"
+        counts = ", ".join(f"{n} {status}" for status, n in self.status_counts.items())
+        return f"Read {self.records_read} records{where}{skipped}; {self.cells} run cells: {counts}."
+
+    def problem_lines(self) -> list[str]:
+        """One line per failed or diverged run cell."""
+        lines = []
+        for row in self.problems.itertuples(index=False):
+            seed = "" if pd.isna(row.seed) else f" / seed {row.seed}"
+            error = ": ".join(part for part in (row.error_type, row.error_message) if isinstance(part, str) and part)
+            error = error or "no error recorded"
+            lines.append(f"{row.status}: {row.method} / {row.model} / {row.task}{seed} ({row.id}) — {error}")
+        return lines
+
+    def legend(self) -> str:
+        """How to read the score cells."""
+        return (
+            "Cells: the task's main metric ×100 (metrics outside [-1, 1] or lower-is-better are shown raw), "
+            f"mean ± sample std over seeds; (n=k) marks a seed count other than the usual {self.modal_seeds}. "
+            f"{MISSING} means no completed run. ↓ marks lower-is-better metrics."
+        )
+
+    # -- renderers
+
+    def to_markdown(self, details: bool = True) -> str:
+        """The leaderboard as Markdown; ``details`` adds the per-task tables."""
+        out = ["# Leaderboard", "", self.status_line(), ""]
+        problems = self.problem_lines()
+        if problems:
+            out += ["Failed or diverged:", ""] + [f"- {_md_escape(line)}" for line in problems] + [""]
+        out += [self.legend(), ""]
+        for model, table in self.model_tables.items():
+            out += [f"## {model}", "", _md_table(table), ""]
+        if self.footnotes:
+            out += ["## Notes", ""] + [f"{i}. {_md_escape(note)}" for i, note in enumerate(self.footnotes, 1)] + [""]
+        if details and self.task_tables:
+            out += ["## Per-task details", ""]
+            for task, table in self.task_tables.items():
+                out += [f"### {self.task_headings.get(task, task)}", "", _md_table(table), ""]
+        return "\n".join(out).rstrip() + "\n"
+
+    def to_html(self) -> str:
+        """A static, self-contained HTML page with the same tables."""
+        esc = html.escape
+        body = ["<h1>Leaderboard</h1>", f"<p>{esc(self.status_line())}</p>"]
+        problems = self.problem_lines()
+        if problems:
+            items = "".join(f"<li>{esc(line)}</li>" for line in problems)
+            body.append(f"<p>Failed or diverged:</p><ul>{items}</ul>")
+        body.append(f'<p class="legend">{esc(self.legend())}</p>')
+        for model, table in self.model_tables.items():
+            body += [f"<h2>{esc(model)}</h2>", _html_table(table)]
+        if self.footnotes:
+            items = "".join(f"<li>{esc(note)}</li>" for note in self.footnotes)
+            body += ["<h2>Notes</h2>", f"<ol>{items}</ol>"]
+        if self.task_tables:
+            body.append("<h2>Per-task details</h2>")
+            for task, table in self.task_tables.items():
+                body += [f"<h3>{esc(self.task_headings.get(task, task))}</h3>", _html_table(table)]
+        return _HTML_PAGE.format(body="\n".join(body))
+
+    def write(self, out_dir: Path) -> list[Path]:
+        """Write ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.html`` into ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        contents = {
+            MD_NAME: self.to_markdown(),
+            CSV_NAME: self.summary.to_csv(index=False),
+            HTML_NAME: self.to_html(),
+        }
+        paths = []
+        for name, text in contents.items():
+            paths.append(out_dir / name)
+            _write_atomic(out_dir / name, text)
+        return paths
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Leaderboard</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }}
+th {{ background: #f2f2f2; }}
+tbody tr:nth-child(even) {{ background: #fafafa; }}
+.legend {{ color: #555; font-size: 0.9rem; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_table(table: pd.DataFrame) -> str:
+    escaped = table.rename(columns=_md_escape).map(_md_escape)
+    return escaped.to_markdown(index=False, disable_numparse=True)
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    return table.to_html(index=False, border=0, escape=True, na_rep=MISSING)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Building
+
+
+class _Footnotes:
+    """Numbered notes, deduplicated; ``mark`` returns the ``[n]`` marker."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def mark(self, note: str) -> str:
+        if note not in self.notes:
+            self.notes.append(note)
+        return f"[{self.notes.index(note) + 1}]"
+
+
+def _higher_is_better(metric: str, directions: Mapping[str, bool]) -> bool:
+    if metric in directions:
+        return directions[metric]
+    return not any(hint in metric.lower() for hint in LOWER_IS_BETTER_HINTS)
+
+
+def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
+    """One row per method × model × task: run counts, score and metric statistics, costs."""
+    base = df.groupby(KEYS).agg(
+        suite=("suite", _mode),
+        main_metric=("main_metric", _mode),
+        eval_split=("eval_split", _mode),
+    )
+    counts = (
+        df.groupby(KEYS)["status"].value_counts().unstack(fill_value=0).reindex(columns=list(STATUSES), fill_value=0)
+    )
+    counts.columns = [f"n_{status}" for status in counts.columns]
+
+    done = df[df["status"] == "completed"]
+    grouped = done.groupby(KEYS)
+    stats = grouped.agg(
+        n_seeds=("score", "count"),
+        score_mean=("score", "mean"),
+        score_std=("score", "std"),
+        trainable=("trainable", "median"),
+        total=("total", "median"),
+        train_s_median=("train_s", "median"),
+        step_s_median=("step_s", "median"),
+    )
+    means = grouped[metric_columns].mean().add_suffix(".mean")
+    stds = grouped[metric_columns].std().add_suffix(".std")
+
+    # Peak memory: median over the most common memory kind of each group.
+    memory = (
+        done.dropna(subset=["peak_mem_bytes"])
+        .groupby(KEYS + ["peak_mem_kind"], dropna=False)["peak_mem_bytes"]
+        .agg(["median", "size"])
+        .reset_index()
+        .sort_values("size", kind="stable")
+        .drop_duplicates(KEYS, keep="last")
+        .set_index(KEYS)
+        .rename(columns={"median": "peak_mem_bytes_median"})[["peak_mem_bytes_median", "peak_mem_kind"]]
+    )
+
+    summary = base.join([counts, stats, means, stds, memory]).reset_index()
+    summary["n_seeds"] = summary["n_seeds"].fillna(0).astype(int)
+    summary["trainable_pct"] = 100 * summary["trainable"] / summary["total"]
+    summary = summary[
+        KEYS
+        + ["suite", "main_metric", "eval_split", "n_seeds"]
+        + list(counts.columns)
+        + ["score_mean", "score_std"]
+        + list(means.columns)
+        + list(stds.columns)
+        + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median"]
+        + ["peak_mem_bytes_median", "peak_mem_kind"]
+    ]
+    return _sort_rows(summary, ["model", "method", "task"])
+
+
+def _sort_rows(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    ranks = {
+        "method": {m: i for i, m in enumerate(method_order(frame["method"]))},
+        "task": {t: i for i, t in enumerate(task_order(frame["task"]))},
+    }
+    return frame.sort_values(by, key=lambda col: col.map(ranks[col.name]) if col.name in ranks else col).reset_index(
+        drop=True
+    )
+
+
+class _Builder:
+    """Turns the run frame into the display tables of a ``Leaderboard``."""
+
+    def __init__(self, df: pd.DataFrame, directions: Mapping[str, bool]) -> None:
+        self.df = df
+        self.done = df[df["status"] == "completed"]
+        self.metrics = [
+            c[len(METRIC_PREFIX) :]
+            for c in df.columns
+            if c.startswith(METRIC_PREFIX) and self.done[c].notna().any()
+        ]
+        self.directions = directions
+        self.summary = _summarize(df, [METRIC_PREFIX + m for m in self.metrics])
+        seeds = self.summary.loc[self.summary["n_seeds"] > 0, "n_seeds"]
+        self.modal_seeds = int(seeds.mode().max()) if len(seeds) else 0
+        self.notes = _Footnotes()
+        self.task_marks = self._eval_split_notes()
+
+    # -- per-metric conventions
+
+    def higher(self, metric: str) -> bool:
+        return _higher_is_better(metric, self.directions)
+
+    def scaled(self, metric: str) -> bool:
+        """Shown ×100: a higher-is-better metric whose values all lie in [-1, 1]."""
+        values = self.done.get(METRIC_PREFIX + metric, pd.Series(dtype=float)).dropna()
+        return self.higher(metric) and bool(values.abs().le(1).all())
+
+    def metric_header(self, metric: str) -> str:
+        return metric + ("" if self.higher(metric) else " ↓")
+
+    def cell(self, mean: float, std: float, n: int, metric: str, expected_n: int | None = None) -> str:
+        """``mean ± std`` (×100 when scaled), with ``(n=k)`` when ``n`` differs from ``expected_n``."""
+        if n == 0 or pd.isna(mean):
+            return MISSING
+        factor, fmt = (100.0, "{:.1f}") if self.scaled(metric) else (1.0, "{:.4g}")
+        text = fmt.format(mean * factor)
+        if n > 1 and not pd.isna(std):
+            text += " ± " + fmt.format(std * factor)
+        expected = self.modal_seeds if expected_n is None else expected_n
+        if n != expected:
+            text += f" (n={n})"
+        return text
+
+    # -- footnotes
+
+    def _eval_split_notes(self) -> dict[str, str]:
+        """Footnote markers for tasks evaluated on something other than the official dev set."""
+        marks: dict[str, str] = {}
+        off_dev = self.df[self.df["eval_split"].notna() & (self.df["eval_split"] != "dev")]
+        for task in task_order(off_dev["task"]):
+            rows = off_dev[off_dev["task"] == task]
+            splits = ", ".join(f"`{s}`" for s in sorted(rows["eval_split"].unique()))
+            notes = " ".join(sorted({n.strip() for n in rows["eval_note"] if isinstance(n, str) and n.strip()}))
+            held_out = "rows held out from the training data" if "heldout" in splits else "a non-dev split"
+            text = f"{task}: scored on {splits} ({held_out}), NOT the official dev set."
+            marks[task] = self.notes.mark(f"{text} {notes}".strip())
+        return marks
+
+    # -- tables
+
+    def model_table(self, model: str) -> pd.DataFrame:
+        """Methods × tasks for one model, plus GLUE avg, trainable params and cost."""
+        summary = self.summary[self.summary["model"] == model]
+        tasks = task_order(summary["task"])
+        show_glue = any(task in GLUE_TASKS for task in tasks)
+        rows = []
+        for method in method_order(summary["method"]):
+            mine = summary[summary["method"] == method].set_index("task")
+            row = {"method": method}
+            for task in tasks:
+                header = self.task_header(task)
+                if task not in mine.index:
+                    row[header] = MISSING
+                    continue
+                r = mine.loc[task]
+                row[header] = self.cell(r["score_mean"], r["score_std"], r["n_seeds"], r["main_metric"] or "")
+            if show_glue:
+                row["GLUE avg"] = self.glue_cell(method, model)
+            row.update(self.params_and_cost(method, model))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def task_header(self, task: str) -> str:
+        metric = _mode(self.df.loc[self.df["task"] == task, "main_metric"])
+        label = task
+        if metric:
+            raw = "" if self.scaled(metric) else ", raw"
+            label = f"{task} ({self.metric_header(metric)}{raw})"
+        return f"{label} {self.task_marks[task]}" if task in self.task_marks else label
+
+    def glue_average(self, method: str, model: str) -> tuple[float, list[str]]:
+        """Mean of the per-task GLUE metric means, and the subtasks lacking a completed run."""
+        mine = self.summary[(self.summary["method"] == method) & (self.summary["model"] == model)].set_index("task")
+        values, missing = [], []
+        for task in GLUE_TASKS:
+            if task not in mine.index:
+                missing.append(task)
+                continue
+            metric = GLUE_AVG_METRIC.get(task) or mine.at[task, "main_metric"]
+            column = f"{METRIC_PREFIX}{metric}.mean"
+            value = mine.at[task, column] if column in mine.columns else math.nan
+            if pd.isna(value):
+                missing.append(task)
+            else:
+                values.append(float(value))
+        return (sum(values) / len(values) if not missing else math.nan), missing
+
+    def glue_cell(self, method: str, model: str) -> str:
+        average, missing = self.glue_average(method, model)
+        if not missing:
+            return f"{average * 100:.1f}"
+        names = ", ".join(t.split("/", 1)[1] for t in missing)
+        detail = f"missing {names}" if len(missing) < len(GLUE_TASKS) else "no completed GLUE subtask"
+        return f"{MISSING} " + self.notes.mark(f"{model} / {method}: GLUE avg needs all 8 subtasks; {detail}.")
+
+    def glue_table(self) -> pd.DataFrame:
+        """GLUE average per method × model that ran any GLUE subtask (NaN when incomplete)."""
+        glue_rows = self.summary[self.summary["task"].isin(GLUE_TASKS)]
+        rows = []
+        for (method, model), _ in glue_rows.groupby(["method", "model"]):
+            average, missing = self.glue_average(method, model)
+            rows.append(
+                {
+                    "method": method,
+                    "model": model,
+                    "glue_avg": average,
+                    "n_tasks": len(GLUE_TASKS) - len(missing),
+                    "missing": ",".join(missing),
+                }
+            )
+        return pd.DataFrame(rows, columns=["method", "model", "glue_avg", "n_tasks", "missing"])
+
+    def params_and_cost(self, method: str, model: str) -> dict[str, str]:
+        """Trainable params (with % of total) and median train time / peak memory over completed runs."""
+        runs = self.done[(self.done["method"] == method) & (self.done["model"] == model)]
+        trainable = runs["trainable"].dropna()
+        if trainable.empty:
+            params = MISSING
+        else:
+            low, high = human_count(trainable.min()), human_count(trainable.max())
+            params = low if low == high else f"{low}–{high}"
+            pct = 100 * trainable.median() / runs["total"].median()
+            if not pd.isna(pct):
+                params += f" ({pct:.3g}%)"
+        parts = []
+        if runs["train_s"].notna().any():
+            parts.append(human_duration(runs["train_s"].median()))
+        memory = runs.dropna(subset=["peak_mem_bytes"]).groupby("peak_mem_kind", dropna=False)["peak_mem_bytes"].median()
+        parts += [memory_label(value, kind) for kind, value in memory.items()]
+        return {"trainable": params, "cost (median train · peak mem)": " · ".join(parts) or MISSING}
+
+    def task_table(self, task: str) -> tuple[str, pd.DataFrame]:
+        """Heading and all-metrics table (model × method rows) for one task."""
+        summary = self.summary[self.summary["task"] == task]
+        main = _mode(summary["main_metric"])
+        present = [m for m in self.metrics if summary[f"{METRIC_PREFIX}{m}.mean"].notna().any()]
+        metrics = sorted(present, key=lambda m: (m != main, m))
+        done = self.done[self.done["task"] == task]
+        rows = []
+        for r in summary.itertuples(index=False):
+            runs = done[(done["method"] == r.method) & (done["model"] == r.model)]
+            row = {"model": r.model, "method": r.method, "n": str(r.n_seeds)}
+            for metric in metrics:
+                values = runs[METRIC_PREFIX + metric].dropna()
+                row[self.metric_header(metric)] = self.cell(
+                    values.mean(), values.std(), len(values), metric, expected_n=r.n_seeds
+                )
+            others = [f"{getattr(r, f'n_{s}')} {s}" for s in STATUSES if s != "completed" and getattr(r, f"n_{s}")]
+            row["other runs"] = ", ".join(others)
+            row["trainable"] = human_count(r.trainable)
+            row["trainable %"] = MISSING if pd.isna(r.trainable_pct) else f"{r.trainable_pct:.3g}%"
+            row["train time"] = human_duration(r.train_s_median)
+            row["step time"] = human_step(r.step_s_median)
+            row["peak mem"] = memory_label(r.peak_mem_bytes_median, r.peak_mem_kind)
+            rows.append(row)
+        splits = ", ".join(sorted(summary["eval_split"].dropna().unique())) or "unknown"
+        heading = f"{task} — main metric: {main or 'unknown'} · eval split: {splits}"
+        if task in self.task_marks:
+            heading += f" {self.task_marks[task]}"
+        return heading, pd.DataFrame(rows)
+
+
+def build_leaderboard(
+    df: pd.DataFrame,
+    records_read: int | None = None,
+    skipped_files: int = 0,
+    source: str | None = None,
+) -> Leaderboard:
+    """Aggregate a ``records_frame`` into a ``Leaderboard``.
+
+    ``records_read`` defaults to ``df.attrs["records_read"]`` (else ``len(df)``); metric
+    directions come from ``df.attrs["higher_is_better"]``.
+    """
+    directions = dict(df.attrs.get("higher_is_better", {}))
+    if records_read is None:
+        records_read = int(df.attrs.get("records_read", len(df)))
+    work = df.copy()
+    for column in KEYS:
+        work[column] = work[column].fillna("unknown").astype(str)
+    work["status"] = work["status"].fillna("unknown").astype(str)
+
+    builder = _Builder(work, directions)
+    model_tables = {model: builder.model_table(model) for model in sorted(work["model"].unique())}
+    task_tables, task_headings = {}, {}
+    for task in task_order(work["task"]):
+        task_headings[task], task_tables[task] = builder.task_table(task)
+
+    status_counts = {status: int((work["status"] == status).sum()) for status in STATUSES}
+    for status, n in work["status"].value_counts().items():
+        status_counts.setdefault(str(status), int(n))
+
+    problems = work[work["status"].isin(["failed", "diverged"])].copy()
+    problems["error_message"] = problems["error_message"].map(first_line)
+    problems = _sort_rows(problems, ["model", "task", "method", "seed"])[
+        ["status", "method", "model", "task", "seed", "id", "error_type", "error_message"]
+    ]
+
+    return Leaderboard(
+        summary=builder.summary,
+        model_tables=model_tables,
+        task_tables=task_tables,
+        glue=builder.glue_table(),
+        problems=problems,
+        status_counts=status_counts,
+        footnotes=builder.notes.notes,
+        records_read=records_read,
+        cells=len(work),
+        modal_seeds=builder.modal_seeds,
+        skipped_files=skipped_files,
+        source=source,
+        task_headings=task_headings,
+    )
+
+
+def load_leaderboard(results_dir: Path) -> Leaderboard:
+    """Read the records under ``results_dir`` and build the leaderboard.
+
+    Raises ``NoRecordsError`` when there is no readable record.
+    """
+    results_dir = Path(results_dir)
+    records, skipped = scan_records(results_dir)
+    if not records:
+        extra = f" ({len(skipped)} unreadable record files skipped)" if skipped else ""
+        raise NoRecordsError(
+            f"no run records found in {results_dir / 'runs'} (looked for */record.json){extra}; "
+            "run `python -m bench` first to produce some"
+        )
+    return build_leaderboard(
+        records_frame(records),
+        records_read=len(records),
+        skipped_files=len(skipped),
+        source=str(results_dir / "runs"),
+    )
+
+
+def write_leaderboard(results_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write ``leaderboard.{md,csv,html}`` for ``results_dir`` into ``out_dir`` (default: ``results_dir``)."""
+    board = load_leaderboard(results_dir)
+    return board.write(Path(out_dir) if out_dir is not None else Path(results_dir))

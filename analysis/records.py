@@ -1,0 +1,196 @@
+"""Load run records (``<results_dir>/runs/<run_id>/record.json``) into a DataFrame."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RECORD_GLOB = "runs/*/record.json"
+
+STATUSES = ("completed", "running", "failed", "diverged")
+
+#: Columns before the per-metric ``metric.<name>`` columns.
+LEADING_COLUMNS = [
+    "id",
+    "cell_key",
+    "status",
+    "method",
+    "task",
+    "suite",
+    "model",
+    "seed",
+    "main_metric",
+    "score",
+]
+#: Columns after the per-metric columns.
+TRAILING_COLUMNS = [
+    "trainable",
+    "total",
+    "adapter_bytes",
+    "train_s",
+    "step_s",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "peak_mem_kind",
+    "device",
+    "eval_split",
+    "eval_note",
+    "error_type",
+    "error_message",
+    "finished",
+]
+
+METRIC_PREFIX = "metric."
+
+
+class RecordWarning(UserWarning):
+    """A record file was skipped or could not be interpreted."""
+
+
+def scan_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Read every ``runs/*/record.json`` under ``results_dir``.
+
+    Returns the parsed records and the paths that were skipped (unreadable,
+    partially written or not a JSON object); each skip emits a ``RecordWarning``.
+    """
+    results_dir = Path(results_dir)
+    records: list[dict[str, Any]] = []
+    skipped: list[Path] = []
+    for path in sorted(results_dir.glob(RECORD_GLOB)):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warnings.warn(f"skipping unreadable record {path}: {exc}", RecordWarning, stacklevel=2)
+            skipped.append(path)
+            continue
+        if not isinstance(record, dict):
+            warnings.warn(f"skipping {path}: not a JSON object", RecordWarning, stacklevel=2)
+            skipped.append(path)
+            continue
+        records.append(record)
+    return records, skipped
+
+
+def load_records(results_dir: Path) -> list[dict[str, Any]]:
+    """Return the parsed records under ``results_dir``, skipping (with a warning) bad files."""
+    records, _ = scan_records(results_dir)
+    return records
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _number(value: Any) -> float:
+    """A finite-or-NaN float for numeric values; NaN for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def _timestamp(value: Any) -> pd.Timestamp:
+    if not isinstance(value, str) or not value:
+        return pd.NaT
+    return pd.to_datetime(value, utc=True, errors="coerce")
+
+
+def _recency(record: Mapping[str, Any]) -> float:
+    """Seconds since the epoch of the record's latest known timestamp (-inf if none)."""
+    stamps = _mapping(record.get("timestamps"))
+    for key in ("finished", "started", "created"):
+        ts = _timestamp(stamps.get(key))
+        if not pd.isna(ts):
+            return ts.timestamp()
+    return -math.inf
+
+
+def latest_per_cell(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Keep one record per ``cell_key``: the newest completed one, else the newest one.
+
+    Records without a ``cell_key`` are all kept. Input order breaks timestamp ties
+    (later wins).
+    """
+    best: dict[str, tuple[tuple[bool, float, int], Mapping[str, Any]]] = {}
+    loose: list[Mapping[str, Any]] = []
+    for order, record in enumerate(records):
+        key = record.get("cell_key")
+        if not key:
+            loose.append(record)
+            continue
+        rank = (record.get("status") == "completed", _recency(record), order)
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, record)
+    return [record for _, record in best.values()] + loose
+
+
+def _row(record: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = _mapping(record.get("metrics"))
+    params = _mapping(record.get("params"))
+    cost = _mapping(record.get("cost"))
+    error = _mapping(record.get("error"))
+    main_metric = record.get("main_metric")
+    message = error.get("message")
+    row: dict[str, Any] = {
+        "id": record.get("id"),
+        "cell_key": record.get("cell_key"),
+        "status": record.get("status"),
+        "method": record.get("method"),
+        "task": record.get("task"),
+        "suite": record.get("suite"),
+        "model": record.get("model"),
+        "seed": record.get("seed"),
+        "main_metric": main_metric,
+        "score": _number(metrics.get(main_metric)) if main_metric else math.nan,
+    }
+    for name, value in metrics.items():
+        row[METRIC_PREFIX + str(name)] = _number(value)
+    row.update(
+        trainable=_number(params.get("trainable")),
+        total=_number(params.get("total")),
+        adapter_bytes=_number(params.get("adapter_bytes")),
+        train_s=_number(cost.get("train_s")),
+        step_s=_number(cost.get("step_s")),
+        tokens_per_s=_number(cost.get("tokens_per_s")),
+        peak_mem_bytes=_number(cost.get("peak_mem_bytes")),
+        peak_mem_kind=cost.get("peak_mem_kind"),
+        device=cost.get("device"),
+        eval_split=record.get("eval_split"),
+        eval_note=record.get("eval_note") or "",
+        error_type=error.get("type"),
+        error_message=str(message) if message is not None else None,
+        finished=_timestamp(_mapping(record.get("timestamps")).get("finished")),
+    )
+    return row
+
+
+def metric_directions(records: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
+    """Map each metric name to ``True`` when higher is better (first record that says wins)."""
+    directions: dict[str, bool] = {}
+    for record in records:
+        for name, higher in _mapping(record.get("higher_is_better")).items():
+            directions.setdefault(str(name), bool(higher))
+    return directions
+
+
+def records_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per record (reruns of a ``cell_key`` collapsed), with flattened metrics and costs.
+
+    ``df.attrs`` holds ``records_read`` (records before collapsing reruns) and
+    ``higher_is_better`` (metric name -> bool).
+    """
+    records = list(records)
+    rows = [_row(record) for record in latest_per_cell(records)]
+    metric_columns = sorted({c for row in rows for c in row if c.startswith(METRIC_PREFIX)})
+    columns = LEADING_COLUMNS + metric_columns + TRAILING_COLUMNS
+    df = pd.DataFrame(rows, columns=columns)
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    df["finished"] = pd.to_datetime(df["finished"], utc=True)
+    df.attrs["records_read"] = len(records)
+    df.attrs["higher_is_better"] = metric_directions(records)
+    return df.reset_index(drop=True)

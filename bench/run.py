@@ -1,0 +1,177 @@
+"""One run of one grid cell, top to bottom: setup → wrap → calibrate → train → evaluate → record.
+
+Every run leaves exactly one record (bench/store.py): `running` when it starts, then `completed`, `diverged`
+or `failed` (with the error). A completed cell is skipped on rerun unless `force=true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from bench.env import capture_env
+from bench.models import load_model
+from bench.store import RunStore
+from bench.train import Diverged, train
+from methods.base import Method, WrapContext
+from tasks.base import Task
+
+log = logging.getLogger("bench")
+
+SCHEMA = 1
+# Keys that change where or how loudly a run reports, not what it computes: left out of the cell key.
+NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "hydra")
+
+
+def cell_names(cfg: DictConfig) -> dict[str, str]:
+    """The option names of the cell (method, task, model): Hydra's choices, i.e. the YAML file names."""
+    choices = HydraConfig.get().runtime.choices
+    return {group: str(choices[group]) for group in ("method", "task", "model")}
+
+
+def cell_key(cfg: DictConfig, names: dict[str, str]) -> str:
+    """A hash of everything that determines the result: the resolved config and the option names."""
+    semantic = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_SEMANTIC_KEYS}
+    blob = json.dumps({"names": names, "config": semantic}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """`auto` picks CUDA, then MPS, then the CPU; precision `auto` is bf16 autocast where the GPU supports it."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = torch.device(device)
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16; got {precision!r}")
+    return dev, dtypes[precision]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one cell and return its record."""
+    # ---------------------------------------------------------------- the cell and its record
+    names = cell_names(cfg)
+    if "suite" in cfg.task:
+        raise ValueError(f"task={names['task']} is a suite of {list(cfg.task.suite)}; "
+                         f"run it as `python -m bench task={names['task']}` (it expands into one run per subtask)")
+    key = cell_key(cfg, names)
+    run_id = f"{names['task'].replace('/', '-')}__{names['method']}__{names['model']}__s{cfg.seed}__{key[:8]}"
+    store = RunStore(Path(cfg.results_dir))
+    previous = store.read(run_id)
+    if previous and previous["status"] == "completed" and not cfg.force:
+        log.info("skip %s: completed at %s (force=true reruns it)", run_id, previous["timestamps"]["finished"])
+        previous["skipped"] = True
+        return previous
+    record: dict[str, Any] = {
+        "schema": SCHEMA, "id": run_id, "cell_key": key, "status": "running",
+        **names, "suite": None, "seed": int(cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=True), "config_hash": key,
+        "metrics": {}, "main_metric": None, "higher_is_better": {}, "eval_split": None, "eval_note": "",
+        "curve": [], "eval_history": [], "params": {}, "cost": {}, "env": {}, "artifacts": {},
+        "timestamps": {"created": now(), "started": now(), "finished": None},
+        "attempts": (previous or {}).get("attempts", 0) + 1, "error": None,
+    }
+    store.write(record)
+    run_dir = store.run_dir(run_id)
+    log.info("run %s -> %s", run_id, run_dir)
+
+    try:
+        # ------------------------------------------------------------ setup
+        seed_everything(cfg.seed)
+        device, autocast_dtype = resolve_device(cfg.device, cfg.precision)
+        record["env"] = capture_env(device)
+        task: Task = instantiate(cfg.task)
+        method: Method = instantiate(cfg.method, _convert_="all")
+        record.update(main_metric=task.main_metric, higher_is_better=task.higher_is_better,
+                      eval_split=task.eval_split, eval_note=task.eval_note, suite=task.suite)
+        loaded = load_model(cfg.model, task.head)
+        collate = task.collate_fn(loaded.tokenizer)
+        train_rows, eval_rows = task.examples("train", seed=cfg.seed), task.examples("eval")
+        loader = DataLoader(train_rows, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.train.num_workers)
+        eval_loader = DataLoader(eval_rows, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
+
+        # ------------------------------------------------------------ wrap + calibrate
+        ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed))
+        total_base = sum(p.numel() for p in loaded.model.parameters())
+        model = method.prepare(loaded.model, ctx).to(device)
+        calibration = (batch for _, batch in zip(range(cfg.train.calibration_batches), loader))
+        method.calibrate(model, ({k: v.to(device) for k, v in b.items()} for b in calibration),
+                         lambda m, b: m(**b).loss)
+
+        # ------------------------------------------------------------ train
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            return task.evaluate(m, eval_loader, device, autocast_dtype)
+
+        result = train(model, method, loader, cfg.train, device, autocast_dtype, evaluate,
+                       progress=cfg.progress, desc=run_id)
+        record.update(curve=result.curve, eval_history=result.eval_history)
+
+        # ------------------------------------------------------------ evaluate + post-train
+        t0 = time.perf_counter()
+        metrics = evaluate(model)
+        eval_s = time.perf_counter() - t0
+        metrics.update(method.post_train(model, ctx))
+        log.info("%s: %s", run_id, metrics)
+
+        # ------------------------------------------------------------ artifacts + record
+        trainable = method.trainable_parameters(model)
+        adapter = method.adapter_state_dict(model)
+        adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
+        if cfg.record.save_adapter:
+            save_file(adapter, str(run_dir / "adapter.safetensors"))
+            record["artifacts"]["adapter"] = "adapter.safetensors"
+        if cfg.record.save_delta:
+            deltas = {name: d.contiguous() for name, d in method.delta_weights(model).items()}
+            save_file(deltas, str(run_dir / "delta.safetensors"))
+            record["artifacts"]["delta"] = "delta.safetensors"
+        record.update(
+            status="completed",
+            metrics=metrics,
+            params={"trainable": sum(p.numel() for p in trainable.values()), "total": total_base,
+                    "adapter_bytes": adapter_bytes, "model_source": loaded.source},
+            cost={"train_s": result.train_s, "step_s": result.median_step_s,
+                  "tokens_per_s": result.tokens / result.train_s if result.train_s else None,
+                  "eval_s": eval_s, "peak_mem_bytes": result.peak_mem_bytes,
+                  "peak_mem_kind": result.peak_mem_kind, "device": str(device),
+                  "precision": str(autocast_dtype or "fp32"), "steps": len(result.step_times)},
+        )
+    except Diverged as e:
+        record.update(status="diverged", error={"type": "Diverged", "message": str(e), "step": e.step,
+                                                 "traceback": traceback.format_exc(limit=-8)})
+        log.error("%s diverged: %s", run_id, e)
+    except BaseException as e:
+        record.update(status="failed", error={"type": type(e).__name__, "message": str(e),
+                                              "traceback": traceback.format_exc(limit=-8)})
+        raise
+    finally:
+        record["timestamps"]["finished"] = now()
+        store.write(record)
+    return record

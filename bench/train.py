@@ -1,0 +1,183 @@
+"""The training loop: AdamW (or the method's optimizer), warmup + linear decay, clipping, accumulation.
+
+It reads top to bottom and never names a method: every method-specific behaviour enters through the hooks of
+methods/base.py (extra_loss, on_step_begin, on_after_backward, on_step_end).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from methods.base import Batch, Method
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float | None = None) -> None:
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(
+            f"training diverged at step {step}: loss={loss}, grad_norm={grad_norm}. "
+            "Lower method.lr, raise train.warmup_ratio, or check the data."
+        )
+
+
+@dataclass
+class TrainResult:
+    curve: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # seconds per optimizer step
+    tokens: int = 0  # non-padding tokens seen
+    train_s: float = 0.0  # wall time of the loop, evaluation excluded
+    peak_mem_bytes: int = 0
+    peak_mem_kind: str = ""
+
+    @property
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else float("nan")
+
+
+class PeakMemory:
+    """Peak memory while training: CUDA's allocator peak on a GPU, else the process RSS sampled every 20 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss"
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            proc = psutil.Process()
+
+            def sample() -> None:
+                while not self._stop.is_set():
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                    self._stop.wait(0.02)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+
+
+def batches(loader: DataLoader) -> Iterator[Batch]:
+    """Endless batches, epoch after epoch (the loader's seeded generator reshuffles each epoch)."""
+    while True:
+        yield from loader
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def rebuild_optimizer(method: Method, model: nn.Module, old: torch.optim.Optimizer,
+                      weight_decay: float) -> torch.optim.Optimizer:
+    """A new optimizer over the current trainable set that keeps the state of every surviving parameter."""
+    new = method.make_optimizer(model, weight_decay=weight_decay)
+    for group_new in new.param_groups:  # keep the scheduled lr, not the initial one
+        group_new["lr"] = old.param_groups[0]["lr"]
+        group_new.setdefault("initial_lr", old.param_groups[0].get("initial_lr", group_new["lr"]))
+    for p in (p for g in new.param_groups for p in g["params"]):
+        if p in old.state:
+            new.state[p] = old.state[p]
+    return new
+
+
+def train(
+    model: nn.Module,
+    method: Method,
+    loader: DataLoader,
+    cfg: Any,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each."""
+    result = TrainResult()
+    optimizer = method.make_optimizer(model, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(warmup, cfg.max_steps))
+    data = batches(loader)
+    model.train()
+    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+
+    with PeakMemory(device) as memory:
+        for step in range(cfg.max_steps):
+            t0 = time.perf_counter()
+            method.on_step_begin(model, step)
+
+            # forward / backward over grad_accum micro-batches
+            step_loss, step_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    outputs = model(**batch)
+                    loss = outputs.loss
+                    extra = method.extra_loss(model, batch, outputs)
+                    if extra is not None:
+                        loss = loss + extra
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            if not math.isfinite(step_loss):
+                raise Diverged(step, step_loss)
+
+            # update
+            method.on_after_backward(model, step)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            if not math.isfinite(grad_norm):
+                raise Diverged(step, step_loss, grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if method.on_step_end(model, step, optimizer):
+                optimizer = rebuild_optimizer(method, model, optimizer, cfg.weight_decay)
+                scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, warmup_linear_decay(warmup, cfg.max_steps), last_epoch=step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            result.step_times.append(time.perf_counter() - t0)
+            result.tokens += step_tokens
+
+            # log and evaluate
+            lr = optimizer.param_groups[0]["lr"]
+            if (step + 1) % cfg.log_every == 0 or step == 0 or step + 1 == cfg.max_steps:
+                result.curve.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
+                result.eval_history.append({"step": step + 1, "metrics": evaluate(model)})
+                bar.write(f"step {step + 1}: {result.eval_history[-1]['metrics']}")
+    bar.close()
+    result.train_s = sum(result.step_times)
+    result.peak_mem_bytes, result.peak_mem_kind = memory.peak, memory.kind
+    return result

@@ -1,0 +1,89 @@
+"""LoRA and the variants PEFT implements faithfully (DoRA, PiSSA, OLoRA, rsLoRA) as options of one class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from methods.base import Method, WrapContext, head_parameter_count
+
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+
+
+class LoRA(Method):
+    """LoRA, through PEFT: y = W0·x + (α/r)·B·A·x, with B (m×r) and A (r×n) trainable, W0 frozen.
+
+    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685;
+    reference microsoft/LoRA. Implemented by PEFT's `LoraConfig` (peft 0.21), which follows the reference:
+    A kaiming-uniform(a=√5), B = 0, merge W0 + (α/r)·B·A.
+
+    Variants are YAML files over this class (conf/method/<name>.yaml with `defaults: [lora, _self_]`):
+
+    - DoRA (Liu et al., arXiv 2402.09353; NVlabs/DoRA): `use_dora: true`.
+      W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row, m initialised to ‖W0‖_row and trained; the norm is detached.
+    - PiSSA (Meng et al., arXiv 2404.02948; GraphPKU/PiSSA): `init: pissa`.
+      W0 = U S Vᵀ; B = U_r √S_r, A = √S_r V_rᵀ (PEFT divides S_r by s), frozen residual W0 − sBA.
+    - OLoRA (Büyükakyüz, arXiv 2406.01775): `init: olora` (QR of W0).
+
+    Args:
+        lr: learning rate.
+        target_modules: module-name suffixes to adapt (PEFT's matching rule).
+        r: rank.
+        alpha: scaling numerator; s = alpha / r (alpha / √r with use_rslora).
+        dropout: dropout on the adapter's input.
+        init: initialisation of A and B: default (B = 0), gaussian, pissa, olora.
+        use_dora: weight-decomposed LoRA (DoRA).
+        use_rslora: rank-stabilised scaling s = alpha / √r.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        target_modules: Sequence[str] = ("query", "key", "value", "dense"),
+        r: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        init: LoraInit = "default",
+        use_dora: bool = False,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__(lr=lr, target_modules=target_modules)
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        if init not in ("default", "gaussian", "pissa", "olora"):
+            raise ValueError(f"LoRA init must be one of default, gaussian, pissa, olora; got {init!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
+        self.init, self.use_dora, self.use_rslora = init, bool(use_dora), bool(use_rslora)
+
+    def peft_config(self, layer_names: list[str], ctx: WrapContext) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=layer_names,  # exact names: the heads are never adapted
+            modules_to_save=list(ctx.head_modules) or None,
+            init_lora_weights=True if self.init == "default" else self.init,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+        )
+
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
+        layers = sorted(self.target_layers(model, ctx))
+        return get_peft_model(model, self.peft_config(layers, ctx))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        assert isinstance(model, PeftModel), "merge() expects the model returned by wrap()"
+        return model.merge_and_unload()
+
+    def expected_trainable(self, model: nn.Module, ctx: WrapContext) -> int:
+        count = head_parameter_count(model, ctx)
+        for layer in self.target_layers(model, ctx).values():
+            count += self.r * (layer.in_features + layer.out_features)  # A (r×n) + B (m×r)
+            if self.use_dora:
+                count += layer.out_features  # magnitude m
+        return count

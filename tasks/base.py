@@ -1,0 +1,68 @@
+"""The task contract: a dataset, how to batch it, and its metric.
+
+A task is configured by conf/task/<name>.yaml (`_target_` names the class); the option name is the file name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The model head a task needs: what bench/models.py loads on top of the backbone."""
+
+    kind: Literal["seq_cls"]
+    num_labels: int
+    problem_type: Literal["single_label_classification", "regression"] = "single_label_classification"
+
+
+class Task:
+    """A task: train/eval examples, a collate function, and evaluation.
+
+    Attributes set by subclasses:
+        name: the option name, e.g. "glue/sst2".
+        suite: the suite it belongs to ("glue"), or None.
+        head: the model head it needs.
+        main_metric: the metric leaderboards rank by.
+        higher_is_better: {metric: direction} for every metric evaluate() returns.
+        eval_split: "dev" for an official dev set, "heldout_from_train" when rows were held out from train.
+        eval_note: a sentence every record and report carries when the eval split is not the official one.
+    """
+
+    name: str
+    suite: str | None = None
+    head: HeadSpec
+    main_metric: str
+    higher_is_better: dict[str, bool]
+    eval_split: str = "dev"
+    eval_note: str = ""
+
+    def examples(self, split: Literal["train", "eval"]) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def collate_fn(self, tokenizer: Any) -> Callable[[list[Any]], Batch]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def subset(rows: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
+    """A deterministic random subset of at most `limit` rows (all rows, in order, when limit is None)."""
+    if limit is None or limit >= len(rows):
+        return list(rows)
+    if limit < 1:
+        raise ValueError(f"a sample limit must be >= 1 or null, got {limit}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(rows), generator=g)[:limit].sort().values
+    return [rows[i] for i in idx.tolist()]

@@ -1,0 +1,253 @@
+"""Leaderboard from synthetic run records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.leaderboard import GLUE_TASKS, build_leaderboard, write_leaderboard
+from analysis.records import RecordWarning, load_records, records_frame
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "minilm"
+MAIN_METRIC = {
+    "glue/cola": "matthews_corr",
+    "glue/sst2": "accuracy",
+    "glue/mrpc": "f1",
+    "glue/stsb": "pearson",
+    "glue/qqp": "f1",
+    "glue/mnli": "accuracy",
+    "glue/qnli": "accuracy",
+    "glue/rte": "accuracy",
+}
+HELDOUT = {"glue/mnli", "glue/qqp"}
+MNLI_NOTE = "Scored on 1k rows held out from the MNLI train sample; no official dev set is available."
+
+# Inputs: (method, task) -> main-metric value per seed.
+SCORES: dict[tuple[str, str], list[float]] = {
+    ("lora", "glue/cola"): [0.41, 0.45],
+    ("lora", "glue/sst2"): [0.851, 0.867],
+    ("lora", "glue/mrpc"): [0.88, 0.86],
+    ("lora", "glue/stsb"): [0.84, 0.86],
+    ("lora", "glue/qqp"): [0.79, 0.80],
+    ("lora", "glue/mnli"): [0.70, 0.72],
+    ("lora", "glue/qnli"): [0.83, 0.85],
+    ("lora", "glue/rte"): [0.61],
+    ("full", "glue/sst2"): [0.90, 0.912],
+    ("full", "glue/mnli"): [0.75, 0.77],
+}
+TRAINABLE = {"lora": 338_690, "full": 22_713_216}
+TOTAL = 23_052_676
+
+
+def make_record(
+    method: str,
+    task: str,
+    seed: int,
+    score: float | None,
+    status: str = "completed",
+    finished: str = "2026-11-24T03:00:00+00:00",
+    error: dict[str, str] | None = None,
+    cell_key: str | None = None,
+) -> dict[str, Any]:
+    """A record following the benchmark's record.json schema."""
+    main = MAIN_METRIC[task]
+    metrics: dict[str, float] = {}
+    if status == "completed" and score is not None:
+        metrics = {main: score, "loss": 1.0 - score}
+        if task == "glue/stsb":
+            metrics["spearmanr"] = score - 0.01
+    name = task.replace("/", "-")
+    key = cell_key or f"{method}-{name}-{seed}"
+    return {
+        "schema": 1,
+        "id": f"{name}__{method}__{MODEL}__s{seed}__{hashlib.sha1((key + finished).encode()).hexdigest()[:8]}",
+        "cell_key": key,
+        "status": status,
+        "method": method,
+        "task": task,
+        "suite": "glue",
+        "model": MODEL,
+        "seed": seed,
+        "config": {"method": {"name": method}},
+        "metrics": metrics,
+        "main_metric": main,
+        "higher_is_better": {main: True, "loss": False, "spearmanr": True},
+        "eval_split": "heldout_from_train" if task in HELDOUT else "dev",
+        "eval_note": MNLI_NOTE if task == "glue/mnli" else ("QQP held out from train." if task in HELDOUT else ""),
+        "curve": [{"step": 1, "loss": 0.69, "lr": 1e-4}],
+        "eval_history": [],
+        "params": {"trainable": TRAINABLE[method], "total": TOTAL, "adapter_bytes": 4 * TRAINABLE[method]},
+        "cost": {
+            "train_s": 120.0 + seed,
+            "step_s": 0.29,
+            "tokens_per_s": 2100.0,
+            "peak_mem_bytes": 1.2e9,
+            "peak_mem_kind": "rss",
+            "device": "cpu",
+        },
+        "env": {"python": "3.11.7"},
+        "timestamps": {"created": finished, "started": finished, "finished": finished},
+        "error": error,
+    }
+
+
+def write_record(results: Path, record: dict[str, Any]) -> None:
+    run_dir = results / "runs" / record["id"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "record.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """A results directory with completed, failed, rerun and broken records."""
+    out = tmp_path / "results"
+    for (method, task), values in SCORES.items():
+        for seed, value in enumerate(values):
+            write_record(out, make_record(method, task, seed, value))
+    # A failed cell, with a multi-line message.
+    error = {"type": "ValueError", "message": "bad batch shape\nsecond line", "traceback": "Traceback ..."}
+    write_record(out, make_record("full", "glue/rte", 0, None, status="failed", error=error))
+    # An earlier failed attempt of a cell that later completed: the rerun wins.
+    write_record(
+        out,
+        make_record(
+            "lora", "glue/sst2", 0, None, status="failed", finished="2026-11-23T00:00:00+00:00",
+            error={"type": "RuntimeError", "message": "rerun me"}, cell_key="lora-glue-sst2-0",
+        ),
+    )
+    # A partially written record.
+    broken = out / "runs" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "record.json").write_text('{"schema": 1, "id": "glue-sst2__lo')
+    return out
+
+
+def expected_records() -> int:
+    return sum(len(v) for v in SCORES.values()) + 2
+
+
+@pytest.fixture
+def frame(results: Path) -> pd.DataFrame:
+    with pytest.warns(RecordWarning, match="broken"):
+        return records_frame(load_records(results))
+
+
+def test_load_skips_broken_and_collapses_reruns(frame: pd.DataFrame) -> None:
+    assert frame.attrs["records_read"] == expected_records()
+    assert len(frame) == expected_records() - 1  # the rerun collapses onto its completed record
+    sst2 = frame[(frame["method"] == "lora") & (frame["task"] == "glue/sst2") & (frame["seed"] == 0)]
+    assert list(sst2["status"]) == ["completed"]
+    assert {"metric.accuracy", "metric.loss", "metric.pearson", "score", "finished"} <= set(frame.columns)
+
+
+def test_mean_and_sample_std(frame: pd.DataFrame) -> None:
+    board = build_leaderboard(frame)
+    summary = board.summary.set_index(["method", "model", "task"])
+    for (method, task), values in SCORES.items():
+        row = summary.loc[(method, MODEL, task)]
+        assert row["n_seeds"] == len(values)
+        assert row["score_mean"] == pytest.approx(np.mean(values))
+        if len(values) > 1:
+            assert row["score_std"] == pytest.approx(np.std(values, ddof=1))
+        else:
+            assert np.isnan(row["score_std"])
+    values = SCORES[("lora", "glue/sst2")]
+    cell = f"{np.mean(values) * 100:.1f} ± {np.std(values, ddof=1) * 100:.1f}"
+    assert cell in board.to_markdown()
+    # One seed where two is usual: flagged.
+    assert f"{SCORES[('lora', 'glue/rte')][0] * 100:.1f} (n=1)" in board.to_markdown()
+
+
+def test_glue_average_only_for_complete_method(frame: pd.DataFrame) -> None:
+    board = build_leaderboard(frame)
+    task_means = [np.mean(SCORES[("lora", task)]) for task in GLUE_TASKS]
+    glue = board.glue.set_index("method")
+    assert glue.loc["lora", "glue_avg"] == pytest.approx(np.mean(task_means))
+    assert np.isnan(glue.loc["full", "glue_avg"])
+
+    table = board.model_tables[MODEL].set_index("method")
+    assert table.loc["lora", "GLUE avg"] == f"{np.mean(task_means) * 100:.1f}"
+    assert table.loc["full", "GLUE avg"].startswith("—")
+    markdown = board.to_markdown()
+    assert "GLUE avg needs all 8 subtasks; missing cola, mrpc, stsb, qqp, qnli, rte" in markdown
+    assert list(table.index) == ["full", "lora"]  # full first
+
+
+def test_failed_cell_counted_and_listed(frame: pd.DataFrame) -> None:
+    markdown = build_leaderboard(frame).to_markdown()
+    n_cells = expected_records() - 1
+    assert f"Read {expected_records()} records" in markdown
+    assert f"{n_cells} run cells: {n_cells - 1} completed, 0 running, 1 failed, 0 diverged" in markdown
+    assert "ValueError: bad batch shape" in markdown
+    assert "second line" not in markdown
+    assert "rerun me" not in markdown
+    # A cell with no completed run never gets a number.
+    assert build_leaderboard(frame).model_tables[MODEL].set_index("method").filter(like="glue/rte").loc["full"].iloc[0] == "—"
+
+
+def test_heldout_footnotes_and_directions(frame: pd.DataFrame) -> None:
+    board = build_leaderboard(frame)
+    markdown = board.to_markdown()
+    notes = [note for note in board.footnotes if note.startswith("glue/mnli")]
+    assert len(notes) == 1
+    assert "NOT the official dev set" in notes[0] and MNLI_NOTE in notes[0]
+    assert any(note.startswith("glue/qqp") for note in board.footnotes)
+    assert not any(note.startswith("glue/sst2") for note in board.footnotes)
+    assert MNLI_NOTE in markdown
+    assert "loss ↓" in board.task_tables["glue/sst2"].columns
+
+
+def test_written_files(results: Path, tmp_path: Path) -> None:
+    with pytest.warns(RecordWarning):
+        paths = write_leaderboard(results, tmp_path / "out")
+    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "leaderboard.html"]
+
+    csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    expected = {
+        "method", "model", "task", "n_seeds", "score_mean", "score_std", "metric.accuracy.mean",
+        "metric.loss.mean", "trainable", "trainable_pct", "train_s_median", "step_s_median",
+        "peak_mem_bytes_median", "peak_mem_kind",
+    }
+    assert expected <= set(csv.columns)
+    assert len(csv) == len(SCORES) + 1  # plus the failed-only cell
+    row = csv[(csv["method"] == "lora") & (csv["task"] == "glue/sst2")].iloc[0]
+    assert row["score_mean"] == pytest.approx(np.mean(SCORES[("lora", "glue/sst2")]))
+    assert row["trainable_pct"] == pytest.approx(100 * TRAINABLE["lora"] / TOTAL)
+    failed = csv[(csv["method"] == "full") & (csv["task"] == "glue/rte")].iloc[0]
+    assert failed["n_seeds"] == 0 and failed["n_failed"] == 1 and np.isnan(failed["score_mean"])
+
+    page = (tmp_path / "out" / "leaderboard.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table" in page and "GLUE avg" in page
+    assert "<script" not in page and "http" not in page
+
+
+def test_cli_writes_and_prints(results: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", "leaderboard", "--results", str(results), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(out / "leaderboard.md") in proc.stdout
+    assert "| method" in proc.stdout
+    assert "broken" in proc.stderr
+    assert (out / "leaderboard.csv").exists()
+
+
+def test_cli_fails_on_empty_directory(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", "leaderboard", "--results", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode != 0
+    assert str(tmp_path) in proc.stderr and "python -m bench" in proc.stderr
+    assert not (tmp_path / "leaderboard.md").exists()
