@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.records import METRIC_PREFIX, STATUSES, records_frame, scan_records
@@ -157,16 +158,17 @@ class Leaderboard:
         for row in self.problems.itertuples(index=False):
             seed = "" if pd.isna(row.seed) else f" / seed {row.seed}"
             error = ": ".join(part for part in (row.error_type, row.error_message) if isinstance(part, str) and part)
+            run_id = f" ({row.id})" if isinstance(row.id, str) and row.id else ""
             error = error or "no error recorded"
-            lines.append(f"{row.status}: {row.method} / {row.model} / {row.task}{seed} ({row.id}) — {error}")
+            lines.append(f"{row.status}: {row.method} / {row.model} / {row.task}{seed}{run_id} — {error}")
         return lines
 
     def legend(self) -> str:
         """How to read the score cells."""
+        seeds = f"; (n=k) marks a seed count other than the usual {self.modal_seeds}" if self.modal_seeds else ""
         return (
             "Cells: the task's main metric ×100 (metrics outside [-1, 1] or lower-is-better are shown raw), "
-            f"mean ± sample std over seeds; (n=k) marks a seed count other than the usual {self.modal_seeds}. "
-            f"{MISSING} means no completed run. ↓ marks lower-is-better metrics."
+            f"mean ± sample std over seeds{seeds}. {MISSING} means no completed run. ↓ marks lower-is-better metrics."
         )
 
     # -- renderers
@@ -309,8 +311,11 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         train_s_median=("train_s", "median"),
         step_s_median=("step_s", "median"),
     )
-    means = grouped[metric_columns].mean().add_suffix(".mean")
-    stds = grouped[metric_columns].std().add_suffix(".std")
+    metric_stats = pd.concat(
+        {".mean": grouped[metric_columns].mean(), ".std": grouped[metric_columns].std()}, axis=1
+    )
+    metric_stats.columns = [column + suffix for suffix, column in metric_stats.columns]
+    metric_stats = metric_stats[sorted(metric_stats.columns)]
 
     # Peak memory: median over the most common memory kind of each group.
     memory = (
@@ -324,16 +329,19 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         .rename(columns={"median": "peak_mem_bytes_median"})[["peak_mem_bytes_median", "peak_mem_kind"]]
     )
 
-    summary = base.join([counts, stats, means, stds, memory]).reset_index()
+    summary = base.join([counts, stats, metric_stats, memory]).reset_index()
     summary["n_seeds"] = summary["n_seeds"].fillna(0).astype(int)
+    for column in ("trainable", "total"):
+        values = summary[column]
+        if values.dropna().mod(1).eq(0).all():
+            summary[column] = values.round().astype("Int64")
     summary["trainable_pct"] = 100 * summary["trainable"] / summary["total"]
     summary = summary[
         KEYS
         + ["suite", "main_metric", "eval_split", "n_seeds"]
         + list(counts.columns)
         + ["score_mean", "score_std"]
-        + list(means.columns)
-        + list(stds.columns)
+        + list(metric_stats.columns)
         + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median"]
         + ["peak_mem_bytes_median", "peak_mem_kind"]
     ]
@@ -388,7 +396,7 @@ class _Builder:
         factor, fmt = (100.0, "{:.1f}") if self.scaled(metric) else (1.0, "{:.4g}")
         text = fmt.format(mean * factor)
         if n > 1 and not pd.isna(std):
-            text += " ± " + fmt.format(std * factor)
+            text += " ± " + ("{:.1f}" if factor == 100.0 else "{:.2g}").format(std * factor)
         expected = self.modal_seeds if expected_n is None else expected_n
         if n != expected:
             text += f" (n={n})"
@@ -456,7 +464,7 @@ class _Builder:
                 missing.append(task)
             else:
                 values.append(float(value))
-        return (sum(values) / len(values) if not missing else math.nan), missing
+        return (float(np.mean(values)) if not missing else math.nan), missing
 
     def glue_cell(self, method: str, model: str) -> str:
         average, missing = self.glue_average(method, model)

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from bench.data import LengthGroupedBatchSampler
 from bench.env import capture_env
 from bench.models import load_model
 from bench.store import RunStore
@@ -70,6 +72,19 @@ def resolve_device(device: str, precision: str) -> tuple[torch.device, torch.dty
     return dev, dtypes[precision]
 
 
+class ConfigError(ValueError):
+    """A method or task rejected its configuration (a wrong hyper-parameter, an unknown key)."""
+
+
+def build(node: DictConfig, group: str, option: str) -> Any:
+    """Instantiate conf/<group>/<option>.yaml, reporting a constructor's complaint with the option that caused it."""
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{group}={option}: {cause} (defaults in conf/{group}/{option}.yaml)") from cause
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -107,15 +122,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed_everything(cfg.seed)
         device, autocast_dtype = resolve_device(cfg.device, cfg.precision)
         record["env"] = capture_env(device)
-        task: Task = instantiate(cfg.task)
-        method: Method = instantiate(cfg.method, _convert_="all")
+        task: Task = build(cfg.task, "task", names["task"])
+        method: Method = build(cfg.method, "method", names["method"])
         record.update(main_metric=task.main_metric, higher_is_better=task.higher_is_better,
                       eval_split=task.eval_split, eval_note=task.eval_note, suite=task.suite)
         loaded = load_model(cfg.model, task.head)
         collate = task.collate_fn(loaded.tokenizer)
         train_rows, eval_rows = task.examples("train", seed=cfg.seed), task.examples("eval")
-        loader = DataLoader(train_rows, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.train.num_workers)
+        order = torch.Generator().manual_seed(cfg.seed)
+        if cfg.train.group_by_length:
+            sampler = LengthGroupedBatchSampler([task.length(r) for r in train_rows], cfg.train.batch_size, order)
+            loader = DataLoader(train_rows, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
+        else:
+            loader = DataLoader(train_rows, batch_size=cfg.train.batch_size, shuffle=True, generator=order,
+                                collate_fn=collate, num_workers=cfg.train.num_workers)
+        eval_rows = sorted(eval_rows, key=task.length)  # less padding; metrics do not depend on the order
         eval_loader = DataLoader(eval_rows, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
 
         # ------------------------------------------------------------ wrap + calibrate

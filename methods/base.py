@@ -162,7 +162,11 @@ class Method:
         raise NotImplementedError
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """{layer name: ΔW} in fp32 on the CPU: merged weight minus the snapshot taken in prepare()."""
+        """{layer name: ΔW} in fp32 on the CPU: merged weight minus the snapshot taken in prepare().
+
+        This fallback inherits the rounding noise of an fp32 merge (≈1e-7·|W0|), which shows up as a noise floor
+        in spectral analyses; methods with a closed form for ΔW override it and compute it in float64.
+        """
         merged = self.merge(copy.deepcopy(model))
         return {
             name: merged.get_submodule(name).weight.detach().to("cpu", torch.float32) - w0

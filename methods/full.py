@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from methods.base import Method, WrapContext
@@ -26,6 +27,11 @@ class Full(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model
+
+    def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔW = W − W0, subtracted in float64 (exact for two fp32 weights)."""
+        return {name: (model.get_submodule(name).weight.detach().double().cpu() - w0.double()).float()
+                for name, w0 in self._w0.items()}
 
     def expected_trainable(self, model: nn.Module, ctx: WrapContext) -> int:
         return sum(p.numel() for p in model.parameters())

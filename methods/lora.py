@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from methods.base import Method, WrapContext, head_parameter_count
@@ -74,7 +76,41 @@ class LoRA(Method):
 
     def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         layers = sorted(self.target_layers(model, ctx))
-        return get_peft_model(model, self.peft_config(layers, ctx))
+        peft_model = get_peft_model(model, self.peft_config(layers, ctx))
+        # the initial product s·B0·A0 (non-zero for pissa/olora, whose residual W0 − s·B0·A0 is frozen)
+        self._init_product = {
+            name: (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().double().cpu()
+            * layer.scaling["default"]
+            for name, layer in self.lora_layers(peft_model).items()
+        } if self.init in ("pissa", "olora") else {}
+        return peft_model
+
+    @staticmethod
+    def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+        """{name in the unwrapped model: PEFT LoRA layer}."""
+        prefix = "base_model.model."
+        return {n.removeprefix(prefix): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+    def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔW in closed form, in float64 (cast to fp32), free of the rounding noise of a merged fp32 weight.
+
+        LoRA: s·B·A.  PiSSA/OLoRA: s·(B·A − B0·A0).  DoRA: m ⊙ V/‖V‖_row − W0 with V = W0 + s·B·A.
+        """
+        deltas = {}
+        for name, layer in self.lora_layers(model).items():
+            s = layer.scaling["default"]
+            b = layer.lora_B["default"].weight.detach().double().cpu()  # (m, r)
+            a = layer.lora_A["default"].weight.detach().double().cpu()  # (r, n)
+            delta = s * (b @ a)  # (m, n)
+            if name in self._init_product:
+                delta = delta - self._init_product[name]
+            if self.use_dora:
+                w0 = self._w0[name].double()  # (m, n)
+                v = w0 + delta
+                magnitude = layer.lora_magnitude_vector["default"].weight.detach().double().cpu()  # (m,)
+                delta = magnitude[:, None] * v / v.norm(dim=1, keepdim=True) - w0
+            deltas[name] = delta.float()
+        return deltas
 
     def merge(self, model: nn.Module) -> nn.Module:
         assert isinstance(model, PeftModel), "merge() expects the model returned by wrap()"

@@ -48,6 +48,10 @@ class Task:
     def examples(self, split: Literal["train", "eval"]) -> Sequence[Any]:
         raise NotImplementedError
 
+    def length(self, row: Any) -> int:
+        """A cheap length proxy of a row (characters), for length-grouped batching."""
+        raise NotImplementedError
+
     def collate_fn(self, tokenizer: Any) -> Callable[[list[Any]], Batch]:
         raise NotImplementedError
 

@@ -67,6 +67,9 @@ class GlueTask(Task):
             return subset(rows, self.max_train_samples, seed)
         return subset(rows, self.max_eval_samples, self.eval_subset_seed)
 
+    def length(self, row: Example) -> int:
+        return len(row.text_a) + len(row.text_b or "")
+
     def collate_fn(self, tokenizer: Any) -> Callable[[Sequence[Example]], Batch]:
         label_dtype = torch.float32 if self.spec.is_regression else torch.long
 

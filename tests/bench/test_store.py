@@ -1,0 +1,86 @@
+"""The results store: atomic writes, idempotent reruns, records of failures and divergence."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.run import run
+from bench.store import RunStore, atomic_write_json
+from methods.lora import LoRA
+from tests.helpers import compose_cfg
+
+
+def _writer(path: str, n: int) -> None:
+    for i in range(n):
+        atomic_write_json(Path(path), {"i": i, "payload": "x" * 200_000})
+
+
+def test_atomic_write_never_shows_a_partial_record(tmp_path):
+    path = tmp_path / "runs" / "a" / "record.json"
+    atomic_write_json(path, {"i": -1})
+    writer = mp.get_context("spawn").Process(target=_writer, args=(str(path), 200))
+    writer.start()
+    reads = 0
+    while writer.is_alive() or reads == 0:
+        json.loads(path.read_text())  # raises on a half-written file
+        reads += 1
+    writer.join()
+    assert writer.exitcode == 0
+    assert json.loads(path.read_text())["i"] == 199
+    assert not list(path.parent.glob("*.tmp")), "temporary files left behind"
+    assert reads > 1
+
+
+def _cfg(tmp_path, *extra):
+    return compose_cfg(["model=tiny_bert", "+experiment=smoke", f"results_dir={tmp_path}", *extra])
+
+
+def test_completed_cell_is_skipped_unless_forced(tmp_path):
+    first = run(_cfg(tmp_path))
+    assert first["status"] == "completed"
+    again = run(_cfg(tmp_path))
+    assert again.get("skipped") and again["timestamps"] == first["timestamps"]
+    forced = run(_cfg(tmp_path, "force=true"))
+    assert not forced.get("skipped") and forced["attempts"] == 2
+    assert len(list((tmp_path / "runs").iterdir())) == 1, "a rerun of the same cell must reuse its record"
+
+
+def test_a_different_hyperparameter_is_a_different_cell(tmp_path):
+    a = run(_cfg(tmp_path))
+    b = run(_cfg(tmp_path, "method.r=4"))
+    assert a["id"] != b["id"] and a["cell_key"] != b["cell_key"]
+
+
+def test_failure_leaves_a_record_with_the_error(tmp_path):
+    with pytest.raises(ValueError, match="rank r must be >= 1"):
+        run(_cfg(tmp_path, "method.r=0"))
+    (record_path,) = (tmp_path / "runs").glob("*/record.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "failed"
+    assert record["error"]["type"] == "ConfigError" and "rank r must be >= 1" in record["error"]["message"]
+    assert "method=lora" in record["error"]["message"], "the error names the option to fix"
+    assert record["timestamps"]["finished"]
+
+
+class NanAfterTwoSteps(LoRA):
+    """LoRA whose regulariser turns NaN at step 2: a stand-in for a diverging run."""
+
+    def on_step_begin(self, model, step):
+        self.step = step
+
+    def extra_loss(self, model, batch, outputs):
+        return torch.tensor(float("nan")) if self.step >= 2 else None
+
+
+def test_nan_loss_ends_the_run_as_diverged(tmp_path):
+    record = run(_cfg(tmp_path, f"method._target_={__name__}.NanAfterTwoSteps"))
+    assert record["status"] == "diverged"
+    assert record["error"]["step"] == 2
+    saved = RunStore(tmp_path).read(record["id"])
+    assert saved["status"] == "diverged" and "Lower method.lr" in saved["error"]["message"]

@@ -1,0 +1,73 @@
+"""Shared test helpers: compose configs the way `python -m bench` does, build tiny models, train a few steps."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch.utils.data import DataLoader
+
+from bench.models import load_model
+from bench.train import train
+from methods.base import Method, WrapContext
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+TASKS = sorted(
+    str(p.relative_to(CONF / "task").with_suffix(""))
+    for p in (CONF / "task").rglob("*.yaml")
+    if not p.name.startswith("_") and "suite:" not in p.read_text()
+)
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    """Compose conf/config.yaml with `overrides` and install the Hydra runtime config, as `python -m bench` does."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def tiny(method_name: str, task: str = "glue/sst2", extra: list[str] | None = None) -> SimpleNamespace:
+    """A method, a tiny random BERT (seeded) and a few batches of real SST-2 rows."""
+    cfg = compose_cfg([f"method={method_name}", f"task={task}", "model=tiny_bert", "+experiment=smoke", *(extra or [])])
+    task_obj = instantiate(cfg.task)
+    torch.manual_seed(0)
+    loaded = load_model(cfg.model, task_obj.head)
+    rows = task_obj.examples("train", seed=0)
+    collate = task_obj.collate_fn(loaded.tokenizer)
+    loader = DataLoader(rows, batch_size=8, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    return SimpleNamespace(
+        cfg=cfg, task=task_obj, base=loaded.model, tokenizer=loaded.tokenizer, loader=loader,
+        batch=collate(rows[:8]), ctx=WrapContext(head_modules=loaded.head_modules, seed=0),
+        method=lambda: instantiate(cfg.method, _convert_="all"),
+    )
+
+
+def wrapped(t: SimpleNamespace) -> tuple[Method, torch.nn.Module]:
+    method = t.method()
+    return method, method.prepare(copy.deepcopy(t.base), t.ctx)
+
+
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def train_steps(model: torch.nn.Module, method: Method, loader: DataLoader, steps: int = 3) -> Any:
+    cfg = SimpleNamespace(max_steps=steps, grad_accum=1, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+                          log_every=1, eval_every=0)
+    return train(model, method, loader, cfg, torch.device("cpu"), None, lambda m: {}, progress=False)
