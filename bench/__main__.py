@@ -67,7 +67,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
     try:
         record = run(cfg)
     except Exception as e:
-        record = {"status": "failed", "id": hc.job.override_dirname,
+        record = {"status": "failed", "id": getattr(e, "run_id", hc.job.override_dirname),
                   "error": {"type": type(e).__name__, "message": str(e)}}
         write_cell_status(hc.runtime.output_dir, record)
         if hc.mode.name != "MULTIRUN":  # a single run fails loudly; in a grid a failing cell never stops the others

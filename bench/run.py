@@ -189,6 +189,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                  "traceback": traceback.format_exc(limit=-8)})
         log.error("%s diverged: %s", run_id, e)
     except BaseException as e:
+        e.run_id = run_id  # type: ignore[attr-defined]  # lets a grid summary name the record
         record.update(status="failed", error={"type": type(e).__name__, "message": str(e),
                                               "traceback": traceback.format_exc(limit=-8)})
         raise
