@@ -143,9 +143,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed))
         total_base = sum(p.numel() for p in loaded.model.parameters())
         model = method.prepare(loaded.model, ctx).to(device)
-        calibration = (batch for _, batch in zip(range(cfg.train.calibration_batches), loader))
-        method.calibrate(model, ({k: v.to(device) for k, v in b.items()} for b in calibration),
-                         lambda m, b: m(**b).loss)
+        # calibration batches come from their own seeded shuffle: the training order is the same for every method
+        calibration = DataLoader(train_rows, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
+                                 generator=torch.Generator().manual_seed(cfg.seed + 1))
+        batches = (b for _, b in zip(range(cfg.train.calibration_batches), calibration))
+        method.calibrate(model, ({k: v.to(device) for k, v in b.items()} for b in batches), lambda m, b: m(**b).loss)
 
         # ------------------------------------------------------------ train
         def evaluate(m: torch.nn.Module) -> dict[str, float]:

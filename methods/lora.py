@@ -79,8 +79,8 @@ class LoRA(Method):
         peft_model = get_peft_model(model, self.peft_config(layers, ctx))
         # the initial product s·B0·A0 (non-zero for pissa/olora, whose residual W0 − s·B0·A0 is frozen)
         self._init_product = {
-            name: (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().double().cpu()
-            * layer.scaling["default"]
+            name: layer.scaling["default"] * (layer.lora_B["default"].weight.detach().double()
+                                              @ layer.lora_A["default"].weight.detach().double()).cpu()
             for name, layer in self.lora_layers(peft_model).items()
         } if self.init in ("pissa", "olora") else {}
         return peft_model

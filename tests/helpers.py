@@ -51,14 +51,17 @@ def tiny(method_name: str, task: str = "glue/sst2", extra: list[str] | None = No
     loader = DataLoader(rows, batch_size=8, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0))
     return SimpleNamespace(
         cfg=cfg, task=task_obj, base=loaded.model, tokenizer=loaded.tokenizer, loader=loader,
-        batch=collate(rows[:8]), ctx=WrapContext(head_modules=loaded.head_modules, seed=0),
+        batch=collate(rows[:8]), calibration=[collate(rows[8 * i:8 * i + 8]) for i in range(1, 4)], ctx=WrapContext(head_modules=loaded.head_modules, seed=0),
         method=lambda: instantiate(cfg.method, _convert_="all"),
     )
 
 
 def wrapped(t: SimpleNamespace) -> tuple[Method, torch.nn.Module]:
+    """prepare() then calibrate() on fixed batches, as the runner does: deterministic, so two calls agree."""
     method = t.method()
-    return method, method.prepare(copy.deepcopy(t.base), t.ctx)
+    model = method.prepare(copy.deepcopy(t.base), t.ctx)
+    method.calibrate(model, iter(t.calibration), lambda m, b: m(**b).loss)
+    return method, model
 
 
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
