@@ -5,14 +5,36 @@ from __future__ import annotations
 import html
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-from analysis.records import METRIC_PREFIX, STATUSES, records_frame, scan_records
+from analysis.records import (
+    METRIC_PREFIX,
+    STATUSES,
+    NoRecordsError,
+    memory_kind_label,
+    records_frame,
+    require_records,
+)
+
+__all__ = [
+    "GLUE_TASKS",
+    "SUITE_TASKS",
+    "Leaderboard",
+    "NoRecordsError",
+    "build_leaderboard",
+    "is_higher_better",
+    "load_leaderboard",
+    "mean_ranks",
+    "rank_methods",
+    "t_interval",
+    "write_leaderboard",
+]
 
 GLUE_TASKS = (
     "glue/cola",
@@ -26,16 +48,20 @@ GLUE_TASKS = (
 )
 #: Metric used for the GLUE average where it differs from the task's main metric.
 GLUE_AVG_METRIC = {"glue/stsb": "pearson"}
+#: Suites with a fixed membership. Any other suite's members are the tasks seen in records of that suite.
+SUITE_TASKS: dict[str, tuple[str, ...]] = {"glue": GLUE_TASKS}
+#: Per-suite overrides of the metric averaged (default: the task's main metric).
+SUITE_AVG_METRIC: dict[str, dict[str, str]] = {"glue": GLUE_AVG_METRIC}
+#: Display names of suites (default: the suite name).
+SUITE_NAMES = {"glue": "GLUE"}
+#: Confidence level of the interval reported beside mean ± std.
+CI_LEVEL = 0.95
 #: Metric names treated as lower-is-better when no record states a direction.
 LOWER_IS_BETTER_HINTS = ("loss", "error", "perplexity", "mse", "mae", "rmse")
 
 MISSING = "—"
 KEYS = ["method", "model", "task"]
 CSV_NAME, MD_NAME, HTML_NAME = "leaderboard.csv", "leaderboard.md", "leaderboard.html"
-
-
-class NoRecordsError(FileNotFoundError):
-    """No readable run record was found in a results directory."""
 
 
 # ---------------------------------------------------------------------------
@@ -94,11 +120,74 @@ def human_step(seconds: float) -> str:
 
 
 def memory_label(n_bytes: float, kind: object) -> str:
-    """``1.2 GB RSS``; the kind is upper-cased and omitted when unknown."""
+    """``1.2 GB RSS``, ``3.4 GB CUDA max allocated``; the kind is omitted when unknown."""
     if n_bytes is None or pd.isna(n_bytes):
         return MISSING
-    kind_text = f" {str(kind).upper()}" if isinstance(kind, str) and kind else ""
-    return human_bytes(n_bytes) + kind_text
+    kind_text = memory_kind_label(kind)
+    return human_bytes(n_bytes) + (f" {kind_text}" if kind_text else "")
+
+
+def suite_label(suite: str) -> str:
+    """``GLUE`` for ``glue``; other suites by name."""
+    return SUITE_NAMES.get(suite, suite)
+
+
+def t_interval(values: Iterable[float], level: float = CI_LEVEL) -> tuple[float, float]:
+    """Student-t confidence interval of the mean of ``values`` (NaNs dropped); ``(nan, nan)`` below two values.
+
+    mean ± t_{(1+level)/2, n-1} · s / √n, with s the sample standard deviation.
+    """
+    x = np.asarray([v for v in values if not pd.isna(v)], dtype=float)
+    n = len(x)
+    if n < 2:
+        return math.nan, math.nan
+    mean = float(x.mean())
+    half = float(stats.t.ppf((1 + level) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return mean - half, mean + half
+
+
+def rank_methods(summary: pd.DataFrame, higher: Callable[[str], bool]) -> pd.Series:
+    """Rank of each ``summary`` row among the methods of its model × task that have a ``score_mean``.
+
+    1 is best by the row's ``main_metric`` (``higher(metric)`` says whether higher is better); tied means
+    share the average of their ranks. Rows without a score get NaN. Returns a Series aligned to ``summary``.
+    """
+    ranks = pd.Series(math.nan, index=summary.index, dtype=float)
+    scored = summary[summary["score_mean"].notna()]
+    for _, group in scored.groupby(["model", "task"]):
+        metric = _mode(group["main_metric"]) or ""
+        # Round away float noise so that equal scores computed differently still tie.
+        values = group["score_mean"].astype(float).round(12)
+        ranks.loc[group.index] = values.rank(method="average", ascending=not higher(metric))
+    return ranks
+
+
+def mean_ranks(ranked: pd.DataFrame) -> pd.DataFrame:
+    """Mean rank of each method per model over the tasks where every compared method has a result.
+
+    ``ranked`` has columns model, method, task and rank (NaN without a result). The compared methods of a
+    model are those with at least one result for it. Returns columns model, method, mean_rank (NaN for a
+    method without results or when no task qualifies), n_tasks (the qualifying tasks) and tasks
+    (comma-separated, in task order).
+    """
+    rows = []
+    for model, mine in ranked.groupby("model", sort=True):
+        has = mine[mine["rank"].notna()]
+        compared = set(has["method"])
+        per_task = has.groupby("task")["method"].agg(set)
+        common = task_order(task for task, methods in per_task.items() if methods == compared)
+        for method in method_order(mine["method"]):
+            values = has[(has["method"] == method) & has["task"].isin(common)]["rank"]
+            rows.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "mean_rank": float(values.mean()) if method in compared and common else math.nan,
+                    "n_tasks": len(common),
+                    "tasks": ",".join(common),
+                }
+            )
+    return pd.DataFrame(rows, columns=["model", "method", "mean_rank", "n_tasks", "tasks"])
 
 
 def first_line(text: object, limit: int = 200) -> str:
@@ -107,6 +196,11 @@ def first_line(text: object, limit: int = 200) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = lines[0] if lines else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _short_task(task: str) -> str:
+    """``cola`` for ``glue/cola``."""
+    return task.split("/", 1)[1] if "/" in task else task
 
 
 def _mode(values: pd.Series) -> object:
@@ -122,8 +216,10 @@ def _mode(values: pd.Series) -> object:
 class Leaderboard:
     """Aggregated results and the display tables built from them.
 
-    ``summary`` is the CSV table (raw metric values, one row per method × model × task);
-    ``model_tables`` and ``task_tables`` hold display strings keyed by model / task.
+    ``summary`` is the CSV table (raw metric values, one row per method × model × task, with the 95%
+    t-interval of the main score and each method's rank within its model × task); ``model_tables`` and
+    ``task_tables`` hold display strings keyed by model / task; ``suites`` holds the suite averages
+    (``glue`` is its GLUE slice, kept for compatibility) and ``mean_ranks`` the rank aggregation.
     """
 
     summary: pd.DataFrame
@@ -139,6 +235,8 @@ class Leaderboard:
     skipped_files: int = 0
     source: str | None = None
     task_headings: dict[str, str] = field(default_factory=dict)
+    suites: pd.DataFrame = field(default_factory=pd.DataFrame)
+    mean_ranks: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     # -- text pieces shared by Markdown and HTML
 
@@ -166,9 +264,13 @@ class Leaderboard:
     def legend(self) -> str:
         """How to read the score cells."""
         seeds = f"; (n=k) marks a seed count other than the usual {self.modal_seeds}" if self.modal_seeds else ""
+        level = f"{CI_LEVEL:.0%}"
         return (
             "Cells: the task's main metric ×100 (metrics outside [-1, 1] or lower-is-better are shown raw), "
-            f"mean ± sample std over seeds{seeds}. {MISSING} means no completed run. ↓ marks lower-is-better metrics."
+            f"mean ± sample std over seeds{seeds}. {MISSING} means no completed run. ↓ marks lower-is-better metrics. "
+            f"The per-task tables add the {level} confidence interval of the mean (Student t with n−1 degrees "
+            "of freedom; blank for a single seed). Suite averages (e.g. GLUE avg) are the mean over the suite's "
+            "tasks of each task's mean, shown only when every task of the suite has a completed run."
         )
 
     # -- renderers
@@ -282,10 +384,14 @@ class _Footnotes:
         return f"[{self.notes.index(note) + 1}]"
 
 
-def _higher_is_better(metric: str, directions: Mapping[str, bool]) -> bool:
+def is_higher_better(metric: str, directions: Mapping[str, bool]) -> bool:
+    """The records' stated direction for ``metric``, else a guess from its name (``loss``, ``error``: lower)."""
     if metric in directions:
         return directions[metric]
     return not any(hint in metric.lower() for hint in LOWER_IS_BETTER_HINTS)
+
+
+_higher_is_better = is_higher_better
 
 
 def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
@@ -329,7 +435,12 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         .rename(columns={"median": "peak_mem_bytes_median"})[["peak_mem_bytes_median", "peak_mem_kind"]]
     )
 
-    summary = base.join([counts, stats, metric_stats, memory]).reset_index()
+    intervals = grouped["score"].apply(t_interval)
+    ci = pd.DataFrame(
+        intervals.tolist(), index=intervals.index, columns=["score_ci95_low", "score_ci95_high"], dtype=float
+    )
+
+    summary = base.join([counts, stats, ci, metric_stats, memory]).reset_index()
     summary["n_seeds"] = summary["n_seeds"].fillna(0).astype(int)
     for column in ("trainable", "total"):
         values = summary[column]
@@ -340,7 +451,7 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         KEYS
         + ["suite", "main_metric", "eval_split", "n_seeds"]
         + list(counts.columns)
-        + ["score_mean", "score_std"]
+        + ["score_mean", "score_std", "score_ci95_low", "score_ci95_high"]
         + list(metric_stats.columns)
         + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median"]
         + ["peak_mem_bytes_median", "peak_mem_kind"]
@@ -375,6 +486,10 @@ class _Builder:
         self.modal_seeds = int(seeds.mode().max()) if len(seeds) else 0
         self.notes = _Footnotes()
         self.task_marks = self._eval_split_notes()
+        self.suite_members = self._suite_members()
+        rank = rank_methods(self.summary, self.higher)
+        self.summary.insert(self.summary.columns.get_loc("score_ci95_high") + 1, "rank", rank)
+        self.ranks = mean_ranks(self.summary)
 
     # -- per-metric conventions
 
@@ -388,6 +503,14 @@ class _Builder:
 
     def metric_header(self, metric: str) -> str:
         return metric + ("" if self.higher(metric) else " ↓")
+
+    def ci_cell(self, low: float, high: float, metric: str) -> str:
+        """``[low, high]`` on the same scale as ``cell``; blank when there is no interval (one seed)."""
+        if pd.isna(low) or pd.isna(high):
+            return ""
+        if self.scaled(metric):
+            return f"[{low * 100:.1f}, {high * 100:.1f}]"
+        return f"[{low:.4g}, {high:.4g}]"
 
     def cell(self, mean: float, std: float, n: int, metric: str, expected_n: int | None = None) -> str:
         """``mean ± std`` (×100 when scaled), with ``(n=k)`` when ``n`` differs from ``expected_n``."""
@@ -420,10 +543,13 @@ class _Builder:
     # -- tables
 
     def model_table(self, model: str) -> pd.DataFrame:
-        """Methods × tasks for one model, plus GLUE avg, trainable params and cost."""
+        """Methods × tasks for one model, plus suite averages, mean rank, trainable params and cost."""
         summary = self.summary[self.summary["model"] == model]
         tasks = task_order(summary["task"])
-        show_glue = any(task in GLUE_TASKS for task in tasks)
+        suites = [suite for suite, members in self.suite_members.items() if set(members) & set(tasks)]
+        ranks = self.ranks[self.ranks["model"] == model].set_index("method")
+        ranked = summary.loc[summary["score_mean"].notna(), "method"].nunique() > 1  # else nothing to compare
+        rank_header = self.rank_header(model, ranks) if ranked else None
         rows = []
         for method in method_order(summary["method"]):
             mine = summary[summary["method"] == method].set_index("task")
@@ -435,8 +561,11 @@ class _Builder:
                     continue
                 r = mine.loc[task]
                 row[header] = self.cell(r["score_mean"], r["score_std"], r["n_seeds"], r["main_metric"] or "")
-            if show_glue:
-                row["GLUE avg"] = self.glue_cell(method, model)
+            for suite in suites:
+                row[f"{suite_label(suite)} avg"] = self.suite_cell(suite, method, model)
+            if rank_header is not None:
+                value = ranks.at[method, "mean_rank"] if method in ranks.index else math.nan
+                row[rank_header] = MISSING if pd.isna(value) else f"{value:.2f}"
             row.update(self.params_and_cost(method, model))
             rows.append(row)
         return pd.DataFrame(rows)
@@ -449,47 +578,107 @@ class _Builder:
             label = f"{task} ({self.metric_header(metric)}{raw})"
         return f"{label} {self.task_marks[task]}" if task in self.task_marks else label
 
-    def glue_average(self, method: str, model: str) -> tuple[float, list[str]]:
-        """Mean of the per-task GLUE metric means, and the subtasks lacking a completed run."""
+    def rank_header(self, model: str, ranks: pd.DataFrame) -> str:
+        """``mean rank [n]``, with a footnote saying which tasks were ranked and how."""
+        compared = int(ranks["mean_rank"].notna().sum()) if len(ranks) else 0
+        n_tasks = int(ranks["n_tasks"].iloc[0]) if len(ranks) else 0
+        how = (
+            "per task, methods are ranked by the task's main metric (1 = best, lower-is-better metrics "
+            "ranked ascending; tied means share the average of their ranks)"
+        )
+        if n_tasks == 0:
+            note = f"{model}: mean rank — no task has a completed result for every method with any result; {how}."
+        else:
+            names = ", ".join(ranks["tasks"].iloc[0].split(","))
+            s = "s" if n_tasks != 1 else ""
+            note = (
+                f"{model}: mean rank over the {n_tasks} task{s} where all {compared} methods with results have one "
+                f"({names}); {how}. Lower is better."
+            )
+        return f"mean rank {self.notes.mark(note)}"
+
+    def _suite_members(self) -> dict[str, list[str]]:
+        """Each suite's tasks: the fixed list of a known suite, else the tasks seen in records of the suite."""
+        seen = self.df.dropna(subset=["suite"])
+        names = {str(suite) for suite in seen["suite"].unique()} | set(SUITE_TASKS)
+        members = {}
+        for suite in sorted(names, key=lambda name: (name not in SUITE_TASKS, name)):
+            if suite in SUITE_TASKS:
+                members[suite] = list(SUITE_TASKS[suite])
+            else:
+                members[suite] = task_order(seen.loc[seen["suite"].astype(str) == suite, "task"])
+        return {suite: tasks for suite, tasks in members.items() if tasks}
+
+    def suite_average(self, suite: str, method: str, model: str) -> tuple[float, list[str]]:
+        """Mean of the per-task metric means over the suite's tasks, and the tasks lacking a completed run."""
         mine = self.summary[(self.summary["method"] == method) & (self.summary["model"] == model)].set_index("task")
+        overrides = SUITE_AVG_METRIC.get(suite, {})
         values, missing = [], []
-        for task in GLUE_TASKS:
+        for task in self.suite_members.get(suite, []):
             if task not in mine.index:
                 missing.append(task)
                 continue
-            metric = GLUE_AVG_METRIC.get(task) or mine.at[task, "main_metric"]
+            metric = overrides.get(task) or mine.at[task, "main_metric"]
             column = f"{METRIC_PREFIX}{metric}.mean"
             value = mine.at[task, column] if column in mine.columns else math.nan
             if pd.isna(value):
                 missing.append(task)
             else:
                 values.append(float(value))
-        return (float(np.mean(values)) if not missing else math.nan), missing
+        return (float(np.mean(values)) if values and not missing else math.nan), missing
 
-    def glue_cell(self, method: str, model: str) -> str:
-        average, missing = self.glue_average(method, model)
+    def suite_scaled(self, suite: str) -> bool:
+        """Whether the suite average is shown ×100: every averaged metric is."""
+        overrides = SUITE_AVG_METRIC.get(suite, {})
+        metrics = set()
+        for task in self.suite_members.get(suite, []):
+            main = _mode(self.df.loc[self.df["task"] == task, "main_metric"])
+            metric = overrides.get(task) or main
+            if metric:
+                metrics.add(metric)
+        return all(self.scaled(metric) for metric in metrics)
+
+    def suite_cell(self, suite: str, method: str, model: str) -> str:
+        average, missing = self.suite_average(suite, method, model)
+        label = suite_label(suite)
         if not missing:
-            return f"{average * 100:.1f}"
-        names = ", ".join(t.split("/", 1)[1] for t in missing)
-        detail = f"missing {names}" if len(missing) < len(GLUE_TASKS) else "no completed GLUE subtask"
-        return f"{MISSING} " + self.notes.mark(f"{model} / {method}: GLUE avg needs all 8 subtasks; {detail}.")
+            return f"{average * 100:.1f}" if self.suite_scaled(suite) else f"{average:.4g}"
+        members = self.suite_members[suite]
+        names = ", ".join(_short_task(t) for t in missing)
+        detail = f"missing {names}" if len(missing) < len(members) else f"no completed {label} subtask"
+        return f"{MISSING} " + self.notes.mark(
+            f"{model} / {method}: {label} avg needs all {len(members)} subtasks; {detail}."
+        )
 
-    def glue_table(self) -> pd.DataFrame:
-        """GLUE average per method × model that ran any GLUE subtask (NaN when incomplete)."""
-        glue_rows = self.summary[self.summary["task"].isin(GLUE_TASKS)]
+    def glue_average(self, method: str, model: str) -> tuple[float, list[str]]:
+        """The GLUE average (see ``suite_average``)."""
+        return self.suite_average("glue", method, model)
+
+    def suite_table(self) -> pd.DataFrame:
+        """Suite average per suite × method × model that ran any task of the suite (NaN when incomplete)."""
+        columns = ["suite", "method", "model", "average", "n_tasks", "n_members", "missing"]
         rows = []
-        for (method, model), _ in glue_rows.groupby(["method", "model"]):
-            average, missing = self.glue_average(method, model)
-            rows.append(
-                {
-                    "method": method,
-                    "model": model,
-                    "glue_avg": average,
-                    "n_tasks": len(GLUE_TASKS) - len(missing),
-                    "missing": ",".join(missing),
-                }
-            )
-        return pd.DataFrame(rows, columns=["method", "model", "glue_avg", "n_tasks", "missing"])
+        for suite, members in self.suite_members.items():
+            ran = self.summary[self.summary["task"].isin(members)]
+            for (method, model), _ in ran.groupby(["method", "model"]):
+                average, missing = self.suite_average(suite, method, model)
+                rows.append(
+                    {
+                        "suite": suite,
+                        "method": method,
+                        "model": model,
+                        "average": average,
+                        "n_tasks": len(members) - len(missing),
+                        "n_members": len(members),
+                        "missing": ",".join(missing),
+                    }
+                )
+        return pd.DataFrame(rows, columns=columns)
+
+    def glue_table(self, suites: pd.DataFrame) -> pd.DataFrame:
+        """The GLUE rows of ``suite_table`` with the historical column names."""
+        glue = suites[suites["suite"] == "glue"].rename(columns={"average": "glue_avg"})
+        return glue[["method", "model", "glue_avg", "n_tasks", "missing"]].reset_index(drop=True)
 
     def params_and_cost(self, method: str, model: str) -> dict[str, str]:
         """Trainable params (with % of total) and median train time / peak memory over completed runs."""
@@ -517,6 +706,7 @@ class _Builder:
         present = [m for m in self.metrics if summary[f"{METRIC_PREFIX}{m}.mean"].notna().any()]
         metrics = sorted(present, key=lambda m: (m != main, m))
         done = self.done[self.done["task"] == task]
+        ci_header = f"{CI_LEVEL:.0%} CI"
         rows = []
         for r in summary.itertuples(index=False):
             runs = done[(done["method"] == r.method) & (done["model"] == r.model)]
@@ -526,6 +716,8 @@ class _Builder:
                 row[self.metric_header(metric)] = self.cell(
                     values.mean(), values.std(), len(values), metric, expected_n=r.n_seeds
                 )
+                if metric == main:
+                    row[ci_header] = self.ci_cell(r.score_ci95_low, r.score_ci95_high, metric)
             others = [f"{getattr(r, f'n_{s}')} {s}" for s in STATUSES if s != "completed" and getattr(r, f"n_{s}")]
             row["other runs"] = ", ".join(others)
             row["trainable"] = human_count(r.trainable)
@@ -561,6 +753,7 @@ def build_leaderboard(
     work["status"] = work["status"].fillna("unknown").astype(str)
 
     builder = _Builder(work, directions)
+    suites = builder.suite_table()
     model_tables = {model: builder.model_table(model) for model in sorted(work["model"].unique())}
     task_tables, task_headings = {}, {}
     for task in task_order(work["task"]):
@@ -580,7 +773,7 @@ def build_leaderboard(
         summary=builder.summary,
         model_tables=model_tables,
         task_tables=task_tables,
-        glue=builder.glue_table(),
+        glue=builder.glue_table(suites),
         problems=problems,
         status_counts=status_counts,
         footnotes=builder.notes.notes,
@@ -590,6 +783,8 @@ def build_leaderboard(
         skipped_files=skipped_files,
         source=source,
         task_headings=task_headings,
+        suites=suites,
+        mean_ranks=builder.ranks,
     )
 
 
@@ -599,13 +794,7 @@ def load_leaderboard(results_dir: Path) -> Leaderboard:
     Raises ``NoRecordsError`` when there is no readable record.
     """
     results_dir = Path(results_dir)
-    records, skipped = scan_records(results_dir)
-    if not records:
-        extra = f" ({len(skipped)} unreadable record files skipped)" if skipped else ""
-        raise NoRecordsError(
-            f"no run records found in {results_dir / 'runs'} (looked for */record.json){extra}; "
-            "run `python -m bench` first to produce some"
-        )
+    records, skipped = require_records(results_dir)
     return build_leaderboard(
         records_frame(records),
         records_read=len(records),

@@ -48,9 +48,26 @@ TRAILING_COLUMNS = [
 
 METRIC_PREFIX = "metric."
 
+#: How the runner measured ``cost.peak_mem_bytes`` (``cost.peak_mem_kind``) -> a short label.
+MEMORY_KINDS = {"rss": "RSS", "cuda_max_allocated": "CUDA max allocated"}
+
+#: Columns of ``curves_frame`` before the logged quantities (``loss``, ``lr``, ``grad_norm``, ...).
+CURVE_KEYS = ["id", "cell_key", "status", "method", "task", "suite", "model", "seed", "step"]
+
 
 class RecordWarning(UserWarning):
     """A record file was skipped or could not be interpreted."""
+
+
+class NoRecordsError(FileNotFoundError):
+    """No readable run record was found in a results directory."""
+
+
+def memory_kind_label(kind: object) -> str:
+    """``RSS``, ``CUDA max allocated``; an unknown kind upper-cased; ``""`` when missing."""
+    if not isinstance(kind, str) or not kind:
+        return ""
+    return MEMORY_KINDS.get(kind, kind.upper())
 
 
 def scan_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -81,6 +98,19 @@ def load_records(results_dir: Path) -> list[dict[str, Any]]:
     """Return the parsed records under ``results_dir``, skipping (with a warning) bad files."""
     records, _ = scan_records(results_dir)
     return records
+
+
+def require_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """``scan_records``, raising ``NoRecordsError`` when no record could be read."""
+    results_dir = Path(results_dir)
+    records, skipped = scan_records(results_dir)
+    if not records:
+        extra = f" ({len(skipped)} unreadable record files skipped)" if skipped else ""
+        raise NoRecordsError(
+            f"no run records found in {results_dir / 'runs'} (looked for */record.json){extra}; "
+            "run `python -m bench` first to produce some"
+        )
+    return records, skipped
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -194,3 +224,34 @@ def records_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     df.attrs["records_read"] = len(records)
     df.attrs["higher_is_better"] = metric_directions(records)
     return df.reset_index(drop=True)
+
+
+def curves_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """The training curves in long form: one row per logged step of each run cell (reruns collapsed).
+
+    Columns are ``CURVE_KEYS`` followed by every numeric quantity the curves log (``loss``, ``lr``,
+    ``grad_norm``, ...); a value that is missing or not a number is NaN. Entries without a numeric
+    ``step`` are dropped.
+    """
+    rows: list[dict[str, Any]] = []
+    quantities: dict[str, None] = {}
+    for record in latest_per_cell(list(records)):
+        curve = record.get("curve")
+        if not isinstance(curve, list):
+            continue
+        head = {key: record.get(key) for key in CURVE_KEYS if key != "step"}
+        for entry in curve:
+            if not isinstance(entry, Mapping):
+                continue
+            step = _number(entry.get("step"))
+            if math.isnan(step):
+                continue
+            row = dict(head, step=step)
+            for name, value in entry.items():
+                if name != "step":
+                    quantities.setdefault(str(name))
+                    row[str(name)] = _number(value)
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=CURVE_KEYS + list(quantities))
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    return df

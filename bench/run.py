@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from bench.data import LengthGroupedBatchSampler
 from bench.env import capture_env
+from bench.export import export
 from bench.models import load_model
 from bench.store import RunStore
 from bench.train import Diverged, train
@@ -37,7 +38,7 @@ log = logging.getLogger("bench")
 
 SCHEMA = 1
 # Keys that change where or how loudly a run reports, not what it computes: left out of the cell key.
-NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "hydra")
+NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "export", "hydra")
 
 
 def cell_names(cfg: DictConfig) -> dict[str, str]:
@@ -175,6 +176,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             deltas = {name: d.contiguous() for name, d in method.delta_weights(model).items()}
             save_file(deltas, str(run_dir / "delta.safetensors"))
             record["artifacts"]["delta"] = "delta.safetensors"
+        if cfg.export:
+            seed_everything(cfg.seed)
+            fresh = load_model(cfg.model, task.head).model
+            check = next(iter(eval_loader))
+            exported = export(model.to("cpu"), method, fresh, ctx, check, run_dir / "export")
+            record["artifacts"]["export"] = {"kind": exported.kind, "path": "export", "reason": exported.reason,
+                                             "max_abs_diff": exported.max_abs_diff, "ranks": exported.ranks}
+            log.info("exported %s to %s (%s)", exported.kind, exported.path, exported.reason or "exact")
         record.update(
             status="completed",
             metrics=metrics,

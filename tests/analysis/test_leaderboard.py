@@ -12,9 +12,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
-from analysis.leaderboard import GLUE_TASKS, build_leaderboard, write_leaderboard
-from analysis.records import RecordWarning, load_records, records_frame
+from analysis.leaderboard import (
+    GLUE_TASKS,
+    build_leaderboard,
+    mean_ranks,
+    rank_methods,
+    t_interval,
+    write_leaderboard,
+)
+from analysis.records import RecordWarning, curves_frame, load_records, records_frame
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "minilm"
@@ -254,3 +262,201 @@ def test_cli_fails_on_empty_directory(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert str(tmp_path) in proc.stderr and "python -m bench" in proc.stderr
     assert not (tmp_path / "leaderboard.md").exists()
+
+
+# ---------------------------------------------------------------------------
+# Confidence intervals, rank aggregation, suite averages
+
+
+def simple_record(
+    method: str,
+    task: str,
+    seed: int,
+    value: float,
+    *,
+    model: str = MODEL,
+    metric: str = "accuracy",
+    higher: bool = True,
+    suite: str | None = None,
+    memory_kind: str = "rss",
+) -> dict[str, Any]:
+    """A minimal completed record with one metric."""
+    return {
+        "id": f"{task.replace('/', '-')}__{method}__{model}__s{seed}",
+        "cell_key": f"{model}-{method}-{task}-{seed}",
+        "status": "completed",
+        "method": method,
+        "task": task,
+        "suite": suite,
+        "model": model,
+        "seed": seed,
+        "metrics": {metric: value},
+        "main_metric": metric,
+        "higher_is_better": {metric: higher},
+        "eval_split": "dev",
+        "params": {"trainable": 1000, "total": 10_000, "adapter_bytes": 4000},
+        "cost": {"train_s": 10.0, "peak_mem_bytes": 3.2e9, "peak_mem_kind": memory_kind},
+        "timestamps": {"finished": "2026-11-24T03:00:00+00:00"},
+    }
+
+
+def test_confidence_interval_is_student_t(frame: pd.DataFrame, results: Path, tmp_path: Path) -> None:
+    board = build_leaderboard(frame)
+    summary = board.summary.set_index(["method", "model", "task"])
+    for (method, task), values in SCORES.items():
+        row = summary.loc[(method, MODEL, task)]
+        if len(values) < 2:
+            assert np.isnan(row["score_ci95_low"]) and np.isnan(row["score_ci95_high"])
+            continue
+        low, high = stats.t.interval(
+            0.95, df=len(values) - 1, loc=np.mean(values), scale=stats.sem(values)
+        )
+        assert row["score_ci95_low"] == pytest.approx(low)
+        assert row["score_ci95_high"] == pytest.approx(high)
+
+    # The per-task detail table shows it on the main metric's scale; blank for one seed.
+    values = SCORES[("lora", "glue/sst2")]
+    low, high = stats.t.interval(0.95, df=len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    sst2 = board.task_tables["glue/sst2"].set_index("method")
+    assert sst2.loc["lora", "95% CI"] == f"[{low * 100:.1f}, {high * 100:.1f}]"
+    rte = board.task_tables["glue/rte"].set_index("method")
+    assert rte.loc["lora", "95% CI"] == ""
+    assert "95% CI" in board.to_html() and "Student t" in board.to_markdown()
+
+    # ... and the CSV carries the raw bounds.
+    with pytest.warns(RecordWarning):
+        write_leaderboard(results, tmp_path / "ci")
+    csv = pd.read_csv(tmp_path / "ci" / "leaderboard.csv")
+    row = csv[(csv["method"] == "lora") & (csv["task"] == "glue/sst2")].iloc[0]
+    assert (row["score_ci95_low"], row["score_ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_t_interval_edge_cases() -> None:
+    assert all(np.isnan(t_interval([0.5])))
+    assert all(np.isnan(t_interval([])))
+    low, high = t_interval([0.2, float("nan"), 0.4, 0.3])  # NaN dropped: n = 3
+    expected = stats.t.interval(0.95, df=2, loc=0.3, scale=stats.sem([0.2, 0.4, 0.3]))
+    assert (low, high) == (pytest.approx(expected[0]), pytest.approx(expected[1]))
+
+
+def rank_records() -> list[dict[str, Any]]:
+    """Three methods on one model; the known answer is worked out in ``test_mean_rank``.
+
+    glue/sst2 (accuracy, higher is better): full 0.90; lora 0.79/0.81 and dora 0.80 tie at a mean of 0.80.
+    lm/wiki (perplexity, lower is better): dora 9 < full 10 < lora 12.
+    glue/cola: dora has no result, so the task is left out of the mean rank.
+    """
+    records = [
+        simple_record("full", "glue/sst2", 0, 0.90, model="ranker"),
+        simple_record("lora", "glue/sst2", 0, 0.79, model="ranker"),
+        simple_record("lora", "glue/sst2", 1, 0.81, model="ranker"),
+        simple_record("dora", "glue/sst2", 0, 0.80, model="ranker"),
+        simple_record("full", "glue/cola", 0, 0.50, model="ranker", metric="matthews_corr"),
+        simple_record("lora", "glue/cola", 0, 0.60, model="ranker", metric="matthews_corr"),
+    ]
+    for method, ppl in (("full", 10.0), ("lora", 12.0), ("dora", 9.0)):
+        records.append(simple_record(method, "lm/wiki", 0, ppl, model="ranker", metric="perplexity", higher=False))
+    return records
+
+
+def test_mean_rank() -> None:
+    board = build_leaderboard(records_frame(rank_records()))
+    ranks = board.summary.set_index(["method", "task"])["rank"]
+    # Per task, 1 = best; ties share the average rank; perplexity ranks ascending.
+    assert ranks[("full", "glue/sst2")] == 1 and ranks[("lora", "glue/sst2")] == 2.5 == ranks[("dora", "glue/sst2")]
+    assert (ranks[("dora", "lm/wiki")], ranks[("full", "lm/wiki")], ranks[("lora", "lm/wiki")]) == (1, 2, 3)
+    assert (ranks[("lora", "glue/cola")], ranks[("full", "glue/cola")]) == (1, 2)
+
+    expected = {"full": (1 + 2) / 2, "lora": (2.5 + 3) / 2, "dora": (2.5 + 1) / 2}  # cola excluded
+    mean = board.mean_ranks.set_index("method")
+    for method, value in expected.items():
+        assert mean.loc[method, "mean_rank"] == pytest.approx(value)
+        assert mean.loc[method, "n_tasks"] == 2
+    assert mean.loc["full", "tasks"] == "glue/sst2,lm/wiki"
+
+    table = board.model_tables["ranker"].set_index("method")
+    column = next(c for c in table.columns if c.startswith("mean rank"))
+    assert {m: table.loc[m, column] for m in expected} == {m: f"{v:.2f}" for m, v in expected.items()}
+    note = next(n for n in board.footnotes if n.startswith("ranker: mean rank"))
+    assert "2 tasks" in note and "glue/sst2, lm/wiki" in note and "tied means share the average" in note
+    assert column.endswith(f"[{board.footnotes.index(note) + 1}]")
+
+
+def test_rank_methods_and_mean_ranks_directly() -> None:
+    summary = pd.DataFrame(
+        {
+            "model": ["m"] * 5,
+            "task": ["a", "a", "a", "b", "b"],
+            "method": ["x", "y", "z", "x", "y"],
+            "main_metric": ["acc", "acc", "acc", "err", "err"],
+            "score_mean": [0.5, 0.7, 0.7, 0.1, np.nan],
+        }
+    )
+    ranks = rank_methods(summary, higher=lambda metric: metric != "err")
+    assert ranks.tolist()[:4] == [3.0, 1.5, 1.5, 1.0] and np.isnan(ranks.iloc[4])
+    summary["rank"] = ranks
+    mean = mean_ranks(summary).set_index("method")
+    # Only task a has results for all of x, y, z.
+    assert mean["mean_rank"].to_dict() == {"x": 3.0, "y": 1.5, "z": 1.5}
+    assert set(mean["tasks"]) == {"a"}
+
+
+def commonsense_records() -> list[dict[str, Any]]:
+    """A "commonsense" suite seen only through its records: lora ran all three tasks, full two."""
+    scores = {
+        ("lora", "commonsense/boolq"): [0.61, 0.63],
+        ("lora", "commonsense/piqa"): [0.70, 0.72],
+        ("lora", "commonsense/arc_e"): [0.55, 0.57],
+        ("full", "commonsense/boolq"): [0.66],
+        ("full", "commonsense/arc_e"): [0.60],
+    }
+    return [
+        simple_record(method, task, seed, value, model="smollm", suite="commonsense", memory_kind="cuda_max_allocated")
+        for (method, task), values in scores.items()
+        for seed, value in enumerate(values)
+    ]
+
+
+def test_commonsense_suite_average() -> None:
+    board = build_leaderboard(records_frame(commonsense_records()))
+    expected = np.mean([np.mean([0.61, 0.63]), np.mean([0.70, 0.72]), np.mean([0.55, 0.57])])
+    suites = board.suites.set_index(["suite", "method"])
+    assert suites.loc[("commonsense", "lora"), "average"] == pytest.approx(expected)
+    assert suites.loc[("commonsense", "lora"), "n_members"] == 3
+    assert np.isnan(suites.loc[("commonsense", "full"), "average"])
+    assert suites.loc[("commonsense", "full"), "missing"] == "commonsense/piqa"
+    assert board.glue.empty
+
+    table = board.model_tables["smollm"].set_index("method")
+    assert "GLUE avg" not in table.columns
+    assert table.loc["lora", "commonsense avg"] == f"{expected * 100:.1f}"
+    assert table.loc["full", "commonsense avg"].startswith("—")
+    markdown = board.to_markdown()
+    assert "commonsense avg needs all 3 subtasks; missing piqa" in markdown
+    # The memory kind is named.
+    assert "3.2 GB CUDA max allocated" in markdown
+
+
+def test_glue_and_commonsense_together(frame: pd.DataFrame) -> None:
+    both = pd.concat([frame, records_frame(commonsense_records())], ignore_index=True)
+    both.attrs = frame.attrs
+    board = build_leaderboard(both)
+    assert set(board.suites["suite"]) == {"glue", "commonsense"}
+    assert "GLUE avg" in board.model_tables[MODEL].columns
+    assert "commonsense avg" not in board.model_tables[MODEL].columns
+    assert "commonsense avg" in board.model_tables["smollm"].columns
+    glue = board.glue.set_index("method")
+    assert glue.loc["lora", "glue_avg"] == pytest.approx(np.mean([np.mean(SCORES[("lora", t)]) for t in GLUE_TASKS]))
+
+
+def test_curves_frame_long_form(results: Path) -> None:
+    with pytest.warns(RecordWarning):
+        records = load_records(results)
+    curves = curves_frame(records)
+    # One logged step per run cell; the failed attempt of a rerun cell is collapsed away.
+    assert len(curves) == expected_records() - 1
+    assert list(curves.columns[:9]) == ["id", "cell_key", "status", "method", "task", "suite", "model", "seed", "step"]
+    assert {"loss", "lr"} <= set(curves.columns)
+    assert curves["loss"].eq(0.69).all() and curves["step"].eq(1).all()
+    sst2 = curves[(curves["method"] == "lora") & (curves["task"] == "glue/sst2") & (curves["seed"] == 0)]
+    assert list(sst2["status"]) == ["completed"]
