@@ -60,6 +60,7 @@ CI_LEVEL = 0.95
 LOWER_IS_BETTER_HINTS = ("loss", "error", "perplexity", "mse", "mae", "rmse")
 
 MISSING = "—"
+REFERENCE_METHOD = "lora"  # step times are also shown as a ratio to this method's
 KEYS = ["method", "model", "task"]
 CSV_NAME, MD_NAME, HTML_NAME = "leaderboard.csv", "leaderboard.md", "leaderboard.html"
 
@@ -447,13 +448,17 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         if values.dropna().mod(1).eq(0).all():
             summary[column] = values.round().astype("Int64")
     summary["trainable_pct"] = 100 * summary["trainable"] / summary["total"]
+    # step time as a ratio to LoRA's on the same model and task: timings on shared machines compare as ratios
+    lora = summary[summary["method"] == REFERENCE_METHOD].set_index(["model", "task"])["step_s_median"]
+    reference = pd.Series(list(zip(summary["model"], summary["task"]))).map(lora.to_dict())
+    summary["step_s_vs_lora"] = summary["step_s_median"].to_numpy() / reference.to_numpy(dtype=float)
     summary = summary[
         KEYS
         + ["suite", "main_metric", "eval_split", "n_seeds"]
         + list(counts.columns)
         + ["score_mean", "score_std", "score_ci95_low", "score_ci95_high"]
         + list(metric_stats.columns)
-        + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median"]
+        + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median", "step_s_vs_lora"]
         + ["peak_mem_bytes_median", "peak_mem_kind"]
     ]
     return _sort_rows(summary, ["model", "method", "task"])
@@ -724,6 +729,7 @@ class _Builder:
             row["trainable %"] = MISSING if pd.isna(r.trainable_pct) else f"{r.trainable_pct:.3g}%"
             row["train time"] = human_duration(r.train_s_median)
             row["step time"] = human_step(r.step_s_median)
+            row["÷ lora"] = MISSING if pd.isna(r.step_s_vs_lora) else f"{r.step_s_vs_lora:.2f}×"
             row["peak mem"] = memory_label(r.peak_mem_bytes_median, r.peak_mem_kind)
             rows.append(row)
         splits = ", ".join(sorted(summary["eval_split"].dropna().unique())) or "unknown"

@@ -61,5 +61,6 @@ def capture_env(device: torch.device) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "loadavg_1m": os.getloadavg()[0],  # other work on the machine when the run started (timings are shared-machine)
         "argv": sys.argv,
     }

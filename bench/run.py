@@ -7,6 +7,7 @@ or `failed` (with the error). A completed cell is skipped on rerun unless `force
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import logging
 import random
@@ -193,7 +194,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   "tokens_per_s": result.tokens / result.train_s if result.train_s else None,
                   "eval_s": eval_s, "peak_mem_bytes": result.peak_mem_bytes,
                   "peak_mem_kind": result.peak_mem_kind, "device": str(device),
-                  "precision": str(autocast_dtype or "fp32"), "steps": len(result.step_times)},
+                  "precision": str(autocast_dtype or "fp32"), "steps": len(result.step_times),
+                  "loadavg_1m_end": os.getloadavg()[0]},
         )
     except Diverged as e:
         record.update(status="diverged", error={"type": "Diverged", "message": str(e), "step": e.step,
