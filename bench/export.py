@@ -23,7 +23,7 @@ from methods.base import Batch, Method, WrapContext
 
 @dataclass
 class ExportResult:
-    kind: str  # "peft_lora" or "merged"
+    kind: str  # "peft_lora", "merged", or "none" (a method that cannot be merged)
     path: Path
     max_abs_diff: float  # between the exported model's outputs and the trained model's, on a check batch
     ranks: dict[str, int]
@@ -53,6 +53,9 @@ def export(model: nn.Module, method: Method, base: nn.Module, ctx: WrapContext, 
         batch: a batch to check the export on.
         max_rank_fraction: ΔW whose rank exceeds this fraction of min(m, n) is not exported as LoRA.
     """
+    if not method.mergeable:
+        return ExportResult("none", out, float("nan"), {}, f"{type(method).__name__} is not mergeable; "
+                            "its trained tensors are in adapter.safetensors")
     out.mkdir(parents=True, exist_ok=True)
     expected = _outputs(model, batch)
     deltas = method.delta_weights(model)

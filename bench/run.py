@@ -173,7 +173,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.record.save_adapter:
             save_file(adapter, str(run_dir / "adapter.safetensors"))
             record["artifacts"]["adapter"] = "adapter.safetensors"
-        if cfg.record.save_delta:
+        if cfg.record.save_delta and method.mergeable:  # an input-dependent update has no ΔW
             deltas = {name: d.contiguous() for name, d in method.delta_weights(model).items()}
             save_file(deltas, str(run_dir / "delta.safetensors"))
             record["artifacts"]["delta"] = "delta.safetensors"

@@ -72,6 +72,10 @@ class Method:
 
     #: layer types the method can adapt; anything else named by target_modules is an error
     supported_layers: tuple[type[nn.Module], ...] = (nn.Linear,)
+    #: False when the spec says the adapted model does not start at the base model (e.g. LoRA-SB)
+    init_equals_base: bool = True
+    #: False when the update depends on the input (routers, gates): no merge, no ΔW
+    mergeable: bool = True
 
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense")) -> None:
         if not lr > 0:

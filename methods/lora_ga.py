@@ -34,7 +34,7 @@ def estimate_gradients(model: nn.Module, weights: dict[str, nn.Parameter], batch
         for p, flag in flags.items():
             p.requires_grad_(flag)
     if not sizes:
-        raise RuntimeError("LoRA-GA needs calibration batches; set train.calibration_batches > 0")
+        raise RuntimeError("a gradient estimate needs calibration batches; set train.calibration_batches > 0")
     return {name: g / sum(sizes) for name, g in grads.items()}
 
 

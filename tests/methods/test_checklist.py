@@ -35,6 +35,8 @@ def test_trainable_count_matches_formula(t):
 
 def test_training_changes_delta_and_merged_equals_unmerged(t):
     method, model = wrapped(t)
+    if not getattr(method, "mergeable", True):
+        pytest.skip(f"{type(method).__name__} is not mergeable (input-dependent update)")
     deltas0 = method.delta_weights(model)
     assert set(deltas0) == set(method.target_layers(t.base, t.ctx))
     train_steps(model, method, t.loader, steps=3)
@@ -72,6 +74,8 @@ def test_save_load_round_trip(t, tmp_path):
 def test_delta_weights_match_the_merged_model(t):
     """The closed-form ΔW a method reports equals what merging actually adds to W0 (up to fp32 rounding)."""
     method, model = wrapped(t)
+    if not getattr(method, "mergeable", True):
+        pytest.skip(f"{type(method).__name__} is not mergeable (input-dependent update)")
     train_steps(model, method, t.loader, steps=3)
     deltas = method.delta_weights(model)
     merged = method.merge(copy.deepcopy(model))
