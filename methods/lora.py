@@ -78,12 +78,16 @@ class LoRA(Method):
         layers = sorted(self.target_layers(model, ctx))
         peft_model = get_peft_model(model, self.peft_config(layers, ctx))
         # the initial product s·B0·A0 (non-zero for pissa/olora, whose residual W0 − s·B0·A0 is frozen)
-        self._init_product = {
+        self._init_product = self.products(peft_model) if self.init in ("pissa", "olora") else {}
+        return peft_model
+
+    def products(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """{layer: s·B·A} in float64 on the CPU; at init, the part an SVD/QR/gradient init moved out of W0."""
+        return {
             name: layer.scaling["default"] * (layer.lora_B["default"].weight.detach().double()
                                               @ layer.lora_A["default"].weight.detach().double()).cpu()
-            for name, layer in self.lora_layers(peft_model).items()
-        } if self.init in ("pissa", "olora") else {}
-        return peft_model
+            for name, layer in self.lora_layers(model).items()
+        }
 
     @staticmethod
     def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:

@@ -112,7 +112,4 @@ class LoRAGA(LoRA):
                 layer.lora_A["default"].weight.copy_(a)
                 layer.lora_B["default"].weight.copy_(b)
                 base.weight.copy_(base.weight.double() - s * (b @ a))
-        self._init_product = {  # s·B0·A0, subtracted by delta_weights()
-            n: layer.scaling["default"] * (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).cpu()
-            for n, layer in self.lora_layers(model).items()
-        }
+        self._init_product = self.products(model)  # s·B0·A0, subtracted by delta_weights()
