@@ -7,6 +7,7 @@
 Two conveniences on top of plain Hydra, both applied to the command line before Hydra parses it:
 - `+method=X` / `+task=X` / `+model=X` (the form users type) and `method=X` (the override form) mean the same:
   these groups always have a default, so the `+` is dropped.
+- `-m` may stand anywhere among the overrides (plain argparse rejects overrides after it).
 - A task that is a suite (conf/task/<name>.yaml with a `suite:` list, e.g. glue) expands into its subtasks and
   turns the command into a multirun.
 """
@@ -54,9 +55,10 @@ def normalize_argv(argv: list[str]) -> list[str]:
                 expanded |= members is not None
             arg = f"task={','.join(values)}"
         out.append(arg)
-    if expanded and not {"-m", "--multirun"} & set(out):
-        out.append("--multirun")
-    return out
+    # argparse takes one run of positional overrides: `a=1 -m b=2` would reject `b=2`, so the flag goes first
+    multirun = expanded or bool({"-m", "--multirun"} & set(out))
+    rest = [a for a in out if a not in ("-m", "--multirun")]
+    return ["--multirun", *rest] if multirun else rest
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

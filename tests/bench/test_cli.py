@@ -15,13 +15,17 @@ GLUE = ["glue/cola", "glue/sst2", "glue/mrpc", "glue/stsb", "glue/qnli", "glue/r
 
 def test_plus_form_equals_override_form():
     assert normalize_argv(["+method=dora", "+task=glue/rte", "+model=minilm", "-m"]) == \
-        ["method=dora", "task=glue/rte", "model=minilm", "-m"]
+        ["--multirun", "method=dora", "task=glue/rte", "model=minilm"]
     assert normalize_argv(["+experiment=smoke", "++train.max_steps=3"]) == ["+experiment=smoke", "++train.max_steps=3"]
 
 
 def test_suite_expands_and_asks_for_multirun():
-    assert normalize_argv(["+task=glue"]) == ["task=" + ",".join(GLUE), "--multirun"]
-    assert normalize_argv(["task=glue/sst2,glue", "-m"]) == ["task=" + ",".join(["glue/sst2", *GLUE]), "-m"]
+    assert normalize_argv(["+task=glue"]) == ["--multirun", "task=" + ",".join(GLUE)]
+
+
+def test_multirun_flag_may_stand_between_overrides():
+    assert normalize_argv(["+experiment=smoke", "-m", "seed=1"]) == ["--multirun", "+experiment=smoke", "seed=1"]
+    assert normalize_argv(["task=glue/sst2,glue", "-m"]) == ["--multirun", "task=" + ",".join(["glue/sst2", *GLUE])]
     assert normalize_argv(["task=glue/sst2"]) == ["task=glue/sst2"]
 
 
