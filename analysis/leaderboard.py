@@ -417,6 +417,7 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         total=("total", "median"),
         train_s_median=("train_s", "median"),
         step_s_median=("step_s", "median"),
+        optimizer_state_bytes_median=("optimizer_state_bytes", "median"),
     )
     metric_stats = pd.concat(
         {".mean": grouped[metric_columns].mean(), ".std": grouped[metric_columns].std()}, axis=1
@@ -459,7 +460,7 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         + ["score_mean", "score_std", "score_ci95_low", "score_ci95_high"]
         + list(metric_stats.columns)
         + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median", "step_s_vs_lora"]
-        + ["peak_mem_bytes_median", "peak_mem_kind"]
+        + ["peak_mem_bytes_median", "peak_mem_kind", "optimizer_state_bytes_median"]
     ]
     return _sort_rows(summary, ["model", "method", "task"])
 
@@ -731,6 +732,7 @@ class _Builder:
             row["step time"] = human_step(r.step_s_median)
             row["÷ lora"] = MISSING if pd.isna(r.step_s_vs_lora) else f"{r.step_s_vs_lora:.2f}×"
             row["peak mem"] = memory_label(r.peak_mem_bytes_median, r.peak_mem_kind)
+            row["optimizer state"] = human_bytes(r.optimizer_state_bytes_median)
             rows.append(row)
         splits = ", ".join(sorted(summary["eval_split"].dropna().unique())) or "unknown"
         heading = f"{task} — main metric: {main or 'unknown'} · eval split: {splits}"

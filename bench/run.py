@@ -193,7 +193,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cost={"train_s": result.train_s, "step_s": result.median_step_s,
                   "tokens_per_s": result.tokens / result.train_s if result.train_s else None,
                   "eval_s": eval_s, "peak_mem_bytes": result.peak_mem_bytes,
-                  "peak_mem_kind": result.peak_mem_kind, "device": str(device),
+                  "peak_mem_kind": result.peak_mem_kind, "optimizer_state_bytes": result.optimizer_state_bytes,
+                  "device": str(device),
                   "precision": str(autocast_dtype or "fp32"), "steps": len(result.step_times),
                   "loadavg_1m_end": os.getloadavg()[0]},
         )

@@ -43,6 +43,7 @@ class TrainResult:
     train_s: float = 0.0  # wall time of the loop, evaluation excluded
     peak_mem_bytes: int = 0
     peak_mem_kind: str = ""
+    optimizer_state_bytes: int = 0  # tensors the optimizer keeps (moments, projections), at the end of training
 
     @property
     def median_step_s(self) -> float:
@@ -94,6 +95,16 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's per-parameter state (Adam moments, projection matrices, ...)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values() if isinstance(state, dict) else ():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
 
 
 def rebuild_optimizer(method: Method, model: nn.Module, old: torch.optim.Optimizer,
@@ -180,4 +191,5 @@ def train(
     bar.close()
     result.train_s = sum(result.step_times)
     result.peak_mem_bytes, result.peak_mem_kind = memory.peak, memory.kind
+    result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     return result
