@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test leaderboard clean
+.PHONY: install demo test leaderboard intruders clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ demo: install
 
 leaderboard: install
 	$(BIN)/python -m analysis leaderboard
+
+# issue-9 grid: full fine-tuning vs LoRA r=1, r=8 (lr 3e-3, 800 steps), 2 seeds; intruder report and every figure
+intruders: install
+	$(BIN)/python -m bench +experiment=intruders -m method=lora method.r=1,8 method.lr=3e-3 seed=0,1
+	$(BIN)/python -m bench +experiment=intruders -m method=full seed=0,1
+	$(BIN)/python -m analysis leaderboard --results results/intruders
+	$(BIN)/python -m analysis intruders --results results/intruders
+	$(BIN)/python -m analysis spectral --results results/intruders
+	$(BIN)/python -m analysis figure all --results results/intruders
 
 test: install
 	$(BIN)/python -m pytest

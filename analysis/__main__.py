@@ -210,7 +210,7 @@ def _intruders(args: argparse.Namespace) -> int:
 
 
 def _figure(args: argparse.Namespace) -> int:
-    """Render one named figure of ``analysis.figures`` (or list them with --list)."""
+    """Render one named figure of ``analysis.figures``, or `all` of them (list them with --list)."""
     try:
         from analysis import figures
     except ImportError as exc:
@@ -222,19 +222,21 @@ def _figure(args: argparse.Namespace) -> int:
             print(f"{name:<20} {description}".rstrip())
         return 0
     if not args.name:
-        print("error: name a figure (python -m analysis figure --list shows them)", file=sys.stderr)
+        print("error: name a figure, or all (python -m analysis figure --list shows them)", file=sys.stderr)
         return 2
-    if args.name not in figures.FIGURES:
-        print(f"error: unknown figure {args.name!r}; known: {', '.join(figures.FIGURES)}", file=sys.stderr)
+    if args.name != "all" and args.name not in figures.FIGURES:
+        print(f"error: unknown figure {args.name!r}; known: all, {', '.join(figures.FIGURES)}", file=sys.stderr)
         return 2
     out = _out_dir(args, "figures")
-    try:
-        paths = figures.render(args.name, args.results, out)
-    except ValueError as exc:  # includes the registry's FigureDataError (nothing to draw)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    _print_paths(paths)
-    return 0
+    names = list(figures.FIGURES) if args.name == "all" else [args.name]
+    failed = 0
+    for name in names:
+        try:
+            _print_paths(figures.render(name, args.results, out))
+        except ValueError as exc:  # includes the registry's FigureDataError (nothing to draw)
+            print(f"error: {name}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     intruders.set_defaults(func=_guarded(_intruders))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
-    figure.add_argument("name", nargs="?", help="figure name (see --list)")
+    figure.add_argument("name", nargs="?", help="figure name (see --list), or all")
     figure.add_argument("--list", action="store_true", help="list the figure names and exit")
     results_arg(figure)
     figure.add_argument("--out", type=Path, default=None, help="output directory (default: <results>/figures)")

@@ -209,6 +209,19 @@ def test_cli_figure(tiny_results: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["figure", "no_such_figure", "--results", str(tiny_results)]) == 2
 
 
+def test_cli_figure_all_renders_what_it_can_and_names_what_failed(tiny_results: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis import figures
+
+    out = tmp_path / "figures"
+    rc = main(["figure", "all", "--results", str(tiny_results), "--out", str(out)])
+    err = capsys.readouterr().err
+    failed = {name for name in figures.FIGURES if f"error: {name}:" in err}
+    assert (rc == 0) == (not failed)
+    assert "intruders_vs_eps" not in failed and (out / "intruders_vs_eps.png").is_file()
+    assert len(failed) < len(figures.FIGURES)
+
+
 def test_cli_no_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["intruders", "--results", str(tmp_path)]) == 1
     assert "no run records" in capsys.readouterr().err
