@@ -15,6 +15,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,26 @@ def build(node: DictConfig, group: str, option: str) -> Any:
         raise ConfigError(f"{group}={option}: {cause} (defaults in conf/{group}/{option}.yaml)") from cause
 
 
+def train_loader(task: Task, rows: list[Any], collate: Any, tcfg: DictConfig, seed: int) -> DataLoader:
+    """Training batches in a seeded order: length-grouped (less padding) or plainly shuffled."""
+    order = torch.Generator().manual_seed(seed)
+    if tcfg.group_by_length:
+        sampler = LengthGroupedBatchSampler([task.length(r) for r in rows], tcfg.batch_size, order)
+        return DataLoader(rows, batch_sampler=sampler, collate_fn=collate, num_workers=tcfg.num_workers)
+    return DataLoader(rows, batch_size=tcfg.batch_size, shuffle=True, generator=order, collate_fn=collate,
+                      num_workers=tcfg.num_workers)
+
+
+def calibration_batches(rows: list[Any], collate: Any, tcfg: DictConfig, seed: int,
+                        device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches a data-dependent init sees: their own seeded shuffle, so the training order is the same for
+    every method."""
+    calibration = DataLoader(rows, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
+                             generator=torch.Generator().manual_seed(seed + 1))
+    for _, batch in zip(range(tcfg.calibration_batches), calibration):
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -131,13 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         loaded = load_model(cfg.model, task.head)
         collate = task.collate_fn(loaded.tokenizer)
         train_rows, eval_rows = task.examples("train", seed=cfg.seed), task.examples("eval")
-        order = torch.Generator().manual_seed(cfg.seed)
-        if cfg.train.group_by_length:
-            sampler = LengthGroupedBatchSampler([task.length(r) for r in train_rows], cfg.train.batch_size, order)
-            loader = DataLoader(train_rows, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
-        else:
-            loader = DataLoader(train_rows, batch_size=cfg.train.batch_size, shuffle=True, generator=order,
-                                collate_fn=collate, num_workers=cfg.train.num_workers)
+        loader = train_loader(task, train_rows, collate, cfg.train, int(cfg.seed))
         eval_rows = sorted(eval_rows, key=task.length)  # less padding; metrics do not depend on the order
         eval_loader = DataLoader(eval_rows, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
 
@@ -145,11 +160,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed))
         total_base = sum(p.numel() for p in loaded.model.parameters())
         model = method.prepare(loaded.model, ctx).to(device)
-        # calibration batches come from their own seeded shuffle: the training order is the same for every method
-        calibration = DataLoader(train_rows, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
-                                 generator=torch.Generator().manual_seed(cfg.seed + 1))
-        batches = (b for _, b in zip(range(cfg.train.calibration_batches), calibration))
-        method.calibrate(model, ({k: v.to(device) for k, v in b.items()} for b in batches), lambda m, b: m(**b).loss)
+        method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device),
+                         lambda m, b: m(**b).loss)
 
         # ------------------------------------------------------------ train
         def evaluate(m: torch.nn.Module) -> dict[str, float]:

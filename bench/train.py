@@ -120,6 +120,72 @@ def rebuild_optimizer(method: Method, model: nn.Module, old: torch.optim.Optimiz
     return new
 
 
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float  # the learning rate the step used
+    tokens: int  # non-padding tokens of the step's micro-batches
+    seconds: float  # wall time of the step (synchronised on a GPU)
+
+
+class Trainer:
+    """One optimizer step at a time: the method's optimizer under warmup + linear decay, over endless batches.
+
+    `train()` drives it for a whole run; the step-time benchmark (bench/steptime.py) interleaves several.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, loader: DataLoader, cfg: Any, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> None:
+        self.model, self.method, self.cfg, self.device, self.autocast_dtype = model, method, cfg, device, autocast_dtype
+        self.optimizer = method.make_optimizer(model, weight_decay=cfg.weight_decay)
+        self.warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps))
+        self.data = batches(loader)
+        self.step_index = 0
+
+    def step(self) -> StepResult:
+        model, method, cfg, device, step = self.model, self.method, self.cfg, self.device, self.step_index
+        model.train()
+        t0 = time.perf_counter()
+        method.on_step_begin(model, step)
+
+        # forward / backward over grad_accum micro-batches
+        step_loss, step_tokens = 0.0, 0
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(self.data).items()}
+            with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                outputs = model(**batch)
+                loss = outputs.loss
+                extra = method.extra_loss(model, batch, outputs)
+                if extra is not None:
+                    loss = loss + extra
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        if not math.isfinite(step_loss):
+            raise Diverged(step, step_loss)
+
+        # update
+        method.on_after_backward(model, step)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        if not math.isfinite(grad_norm):
+            raise Diverged(step, step_loss, grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if method.on_step_end(model, step, self.optimizer):
+            self.optimizer = rebuild_optimizer(method, model, self.optimizer, cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps), last_epoch=step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.step_index += 1
+        return StepResult(step_loss, grad_norm, lr, step_tokens, time.perf_counter() - t0)
+
+
 def train(
     model: nn.Module,
     method: Method,
@@ -133,63 +199,23 @@ def train(
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each."""
     result = TrainResult()
-    optimizer = method.make_optimizer(model, weight_decay=cfg.weight_decay)
-    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(warmup, cfg.max_steps))
-    data = batches(loader)
-    model.train()
+    trainer = Trainer(model, method, loader, cfg, device, autocast_dtype)
     bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, dynamic_ncols=True)
-
     with PeakMemory(device) as memory:
         for step in range(cfg.max_steps):
-            t0 = time.perf_counter()
-            method.on_step_begin(model, step)
-
-            # forward / backward over grad_accum micro-batches
-            step_loss, step_tokens = 0.0, 0
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    outputs = model(**batch)
-                    loss = outputs.loss
-                    extra = method.extra_loss(model, batch, outputs)
-                    if extra is not None:
-                        loss = loss + extra
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-            if not math.isfinite(step_loss):
-                raise Diverged(step, step_loss)
-
-            # update
-            method.on_after_backward(model, step)
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-            if not math.isfinite(grad_norm):
-                raise Diverged(step, step_loss, grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if method.on_step_end(model, step, optimizer):
-                optimizer = rebuild_optimizer(method, model, optimizer, cfg.weight_decay)
-                scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, warmup_linear_decay(warmup, cfg.max_steps), last_epoch=step)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            result.step_times.append(time.perf_counter() - t0)
-            result.tokens += step_tokens
-
-            # log and evaluate
-            lr = optimizer.param_groups[0]["lr"]
+            out = trainer.step()
+            result.step_times.append(out.seconds)
+            result.tokens += out.tokens
             if (step + 1) % cfg.log_every == 0 or step == 0 or step + 1 == cfg.max_steps:
-                result.curve.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm})
+                result.curve.append({"step": step + 1, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm})
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 result.eval_history.append({"step": step + 1, "metrics": evaluate(model)})
                 bar.write(f"step {step + 1}: {result.eval_history[-1]['metrics']}")
+                model.train()
     bar.close()
     result.train_s = sum(result.step_times)
     result.peak_mem_bytes, result.peak_mem_kind = memory.peak, memory.kind
-    result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    result.optimizer_state_bytes = optimizer_state_bytes(trainer.optimizer)
     return result

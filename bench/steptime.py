@@ -1,0 +1,105 @@
+"""`python -m bench.steptime`: the training-step time of several methods, measured side by side in one process.
+
+    python -m bench.steptime --methods full,lora,dora,pissa --steps 30 [Hydra overrides, e.g. model=minilm]
+
+Grid cells run one after another, so their step times also measure whatever else the machine did meanwhile. Here
+every method is set up as a run would set it up (same config composition, prepare, calibrate, optimizer and
+schedule), then the steps are interleaved: each round runs one step of every method, in a fresh random order, and
+the time of each step is divided by LoRA's step of the same round. Medians over rounds of those ratios are robust
+to load that drifts during the measurement; absolute medians are printed beside them for reference only.
+Writes <out>.csv and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+
+from bench.models import load_model
+from bench.run import build, calibration_batches, resolve_device, seed_everything, train_loader
+from bench.train import Trainer, optimizer_state_bytes
+from methods.base import WrapContext
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+REFERENCE = "lora"
+log = logging.getLogger("bench.steptime")
+
+
+def setup(method_name: str, overrides: list[str]) -> Trainer:
+    """A Trainer for one method, set up as bench/run.py sets up a run (without the record)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={method_name}", *overrides])
+    seed_everything(cfg.seed)
+    device, autocast_dtype = resolve_device(cfg.device, cfg.precision)
+    task = build(cfg.task, "task", "task")
+    method = build(cfg.method, "method", method_name)
+    loaded = load_model(cfg.model, task.head)
+    collate = task.collate_fn(loaded.tokenizer)
+    rows = task.examples("train", seed=cfg.seed)
+    model = method.prepare(loaded.model, WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed))).to(device)
+    method.calibrate(model, calibration_batches(rows, collate, cfg.train, int(cfg.seed), device), lambda m, b: m(**b).loss)
+    return Trainer(model, method, train_loader(task, rows, collate, cfg.train, int(cfg.seed)), cfg.train, device,
+                   autocast_dtype)
+
+
+def measure(trainers: dict[str, Trainer], steps: int, warmup: int, seed: int = 0) -> pd.DataFrame:
+    """Interleaved rounds; per method the median step time and the median of its per-round ratio to LoRA."""
+    order, times = random.Random(seed), {name: [] for name in trainers}
+    for round_index in range(warmup + steps):
+        names = list(trainers)
+        order.shuffle(names)
+        for name in names:
+            seconds = trainers[name].step().seconds
+            if round_index >= warmup:
+                times[name].append(seconds)
+    rows = []
+    for name, ts in times.items():
+        row = {"method": name, "step_s_median": statistics.median(ts),
+               "step_s_iqr": float(pd.Series(ts).quantile(0.75) - pd.Series(ts).quantile(0.25)),
+               "optimizer_state_bytes": optimizer_state_bytes(trainers[name].optimizer),
+               "trainable": sum(p.numel() for p in trainers[name].method.trainable_parameters(trainers[name].model).values())}
+        if REFERENCE in times:
+            row[f"vs_{REFERENCE}_median"] = statistics.median(t / r for t, r in zip(ts, times[REFERENCE]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.steptime", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", required=True, help="comma-separated conf/method names (include lora for ratios)")
+    parser.add_argument("--steps", type=int, default=30, help="measured rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured first rounds (default 3)")
+    parser.add_argument("--out", type=Path, default=Path("results/steptime"), help="output stem (.csv, .md)")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in names if not (CONF / "method" / f"{m}.yaml").is_file()]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; options are the files in conf/method/")
+    trainers = {}
+    for name in names:
+        log.info("setting up %s", name)
+        trainers[name] = setup(name, ["progress=false", *overrides])
+    table = measure(trainers, args.steps, args.warmup)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out.with_suffix(".csv"), index=False)
+    command = " ".join(["python -m bench.steptime", *(argv if argv is not None else sys.argv[1:])])
+    header = (f"Step time measured side by side (interleaved rounds, random order each round), {args.steps} rounds "
+              f"after {args.warmup} warm-up rounds; torch threads {torch.get_num_threads()}, "
+              f"load average at the end {os.getloadavg()[0]:.2f}.\n\n`{command}`\n\n")
+    args.out.with_suffix(".md").write_text(header + table.to_markdown(index=False, floatfmt=".3g") + "\n")
+    print(header + table.to_markdown(index=False, floatfmt=".3g"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
