@@ -13,7 +13,7 @@ import pandas as pd
 
 RECORD_GLOB = "runs/*/record.json"
 
-STATUSES = ("completed", "running", "failed", "diverged")
+STATUSES = ("completed", "running", "preempted", "failed", "diverged")
 
 #: Columns before the per-metric ``metric.<name>`` columns.
 LEADING_COLUMNS = [

@@ -11,6 +11,7 @@ import os
 import json
 import logging
 import random
+import signal
 import time
 import traceback
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from bench.env import capture_env
 from bench.export import export
 from bench.models import load_model
 from bench.store import RunStore
-from bench.train import Diverged, train
+from bench.train import Diverged, Preempted, train
 from methods.base import Method, WrapContext
 from tasks.base import Task
 
@@ -41,6 +42,7 @@ log = logging.getLogger("bench")
 SCHEMA = 1
 # Keys that change where or how loudly a run reports, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "export", "hydra")
+NON_SEMANTIC_TRAIN_KEYS = ("checkpoint_every",)  # how often a run saves itself does not change its result
 
 
 def cell_names(cfg: DictConfig) -> dict[str, str]:
@@ -52,6 +54,8 @@ def cell_names(cfg: DictConfig) -> dict[str, str]:
 def cell_key(cfg: DictConfig, names: dict[str, str]) -> str:
     """A hash of everything that determines the result: the resolved config and the option names."""
     semantic = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_SEMANTIC_KEYS}
+    if isinstance(semantic.get("train"), dict):
+        semantic["train"] = {k: v for k, v in semantic["train"].items() if k not in NON_SEMANTIC_TRAIN_KEYS}
     blob = json.dumps({"names": names, "config": semantic}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -167,9 +171,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
             return task.evaluate(m, eval_loader, device, autocast_dtype)
 
+        checkpoint = run_dir / "checkpoint.pt"
+        if cfg.force:
+            checkpoint.unlink(missing_ok=True)  # a forced rerun starts from scratch
+        elif checkpoint.exists():
+            log.info("resuming %s from %s", run_id, checkpoint)
         result = train(model, method, loader, cfg.train, device, autocast_dtype, evaluate,
-                       progress=cfg.progress, desc=run_id)
-        record.update(curve=result.curve, eval_history=result.eval_history)
+                       progress=cfg.progress, desc=run_id, checkpoint=checkpoint)
+        record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
 
         # ------------------------------------------------------------ evaluate + post-train
         t0 = time.perf_counter()
@@ -210,6 +219,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   "precision": str(autocast_dtype or "fp32"), "steps": len(result.step_times),
                   "loadavg_1m_end": os.getloadavg()[0]},
         )
+    except Preempted as e:
+        record.update(status="preempted", error={"type": "Preempted", "message": str(e), "step": e.step})
+        log.warning("%s preempted: %s", run_id, e)
+        store.write(record)
+        signal.raise_signal(e.signum)  # pass it on: SLURM/submitit requeue, or the default termination
     except Diverged as e:
         record.update(status="diverged", error={"type": "Diverged", "message": str(e), "step": e.step,
                                                  "traceback": traceback.format_exc(limit=-8)})

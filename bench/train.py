@@ -7,13 +7,18 @@ methods/base.py (extra_loss, on_step_begin, on_after_backward, on_step_end).
 from __future__ import annotations
 
 import math
+import os
+import random
+import signal
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -34,6 +39,14 @@ class Diverged(RuntimeError):
         )
 
 
+class Preempted(RuntimeError):
+    """The job was signalled (SLURM's preemption or time-limit signal); a checkpoint was written first."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint {path}; rerun the cell to resume")
+
+
 @dataclass
 class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
@@ -44,6 +57,7 @@ class TrainResult:
     peak_mem_bytes: int = 0
     peak_mem_kind: str = ""
     optimizer_state_bytes: int = 0  # tensors the optimizer keeps (moments, projections), at the end of training
+    resumed_from: list[int] = field(default_factory=list)  # steps this run was resumed from (checkpoints)
 
     @property
     def median_step_s(self) -> float:
@@ -186,6 +200,81 @@ class Trainer:
         return StepResult(step_loss, grad_norm, lr, step_tokens, time.perf_counter() - t0)
 
 
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, trainer: Trainer, result: TrainResult) -> None:
+    """Everything a resumed run needs to continue bit-for-bit (on a deterministic device): the trainable tensors,
+    the method's own state, optimizer, schedule, step, data position, RNG states and the result so far.
+    Written to a temporary file and renamed, so a kill during the write leaves the previous checkpoint intact."""
+    state = {
+        "step": trainer.step_index,
+        "trainable": trainer.method.adapter_state_dict(trainer.model),
+        "method": trainer.method.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "rng": rng_state(),
+        "result": asdict(result),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, method: Method, loader: DataLoader, cfg: Any,
+                    device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[Trainer, TrainResult]:
+    """A Trainer positioned where the checkpoint was taken. The method's state is loaded first (it may restore
+    structure: masks, ranks, active layers), then the trainable tensors, then the optimizer over that trainable set;
+    the data iterator is advanced past the batches already seen before the RNG states are restored."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    method.load_state_dict(state["method"])
+    method.load_adapter_state_dict(model, state["trainable"])
+    trainer = Trainer(model, method, loader, cfg, device, autocast_dtype)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    for _ in range(state["step"] * cfg.grad_accum):
+        next(trainer.data)
+    trainer.step_index = state["step"]
+    set_rng_state(state["rng"])
+    return trainer, TrainResult(**state["result"])
+
+
+class _Signals:
+    """Remembers SIGTERM / SIGUSR1 (SLURM's preemption and pre-time-limit signals) until the current step ends;
+    the previous handlers are restored on exit so that the caller can pass the signal on."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(
     model: nn.Module,
     method: Method,
@@ -196,13 +285,23 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]],
     progress: bool = True,
     desc: str = "train",
+    checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each."""
-    result = TrainResult()
-    trainer = Trainer(model, method, loader, cfg, device, autocast_dtype)
-    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, dynamic_ncols=True)
-    with PeakMemory(device) as memory:
-        for step in range(cfg.max_steps):
+    """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each.
+
+    With `checkpoint` set, a checkpoint is written every cfg.checkpoint_every steps and when the process receives
+    SIGTERM or SIGUSR1 (then Preempted is raised); an existing checkpoint is resumed from. It is deleted when
+    training ends.
+    """
+    every = int(getattr(cfg, "checkpoint_every", 0) or 0)
+    if checkpoint is not None and checkpoint.exists():
+        trainer, result = load_checkpoint(checkpoint, model, method, loader, cfg, device, autocast_dtype)
+        result.resumed_from.append(trainer.step_index)
+    else:
+        trainer, result = Trainer(model, method, loader, cfg, device, autocast_dtype), TrainResult()
+    bar = tqdm(total=cfg.max_steps, initial=trainer.step_index, desc=desc, disable=not progress, dynamic_ncols=True)
+    with PeakMemory(device) as memory, _Signals() as signals:
+        for step in range(trainer.step_index, cfg.max_steps):
             out = trainer.step()
             result.step_times.append(out.seconds)
             result.tokens += out.tokens
@@ -214,8 +313,18 @@ def train(
                 result.eval_history.append({"step": step + 1, "metrics": evaluate(model)})
                 bar.write(f"step {step + 1}: {result.eval_history[-1]['metrics']}")
                 model.train()
+            if checkpoint is not None and step + 1 < cfg.max_steps:
+                if signals.received is not None:
+                    save_checkpoint(checkpoint, trainer, result)
+                    bar.close()
+                    raise Preempted(signals.received, step + 1, checkpoint)
+                if every and (step + 1) % every == 0:
+                    save_checkpoint(checkpoint, trainer, result)
     bar.close()
     result.train_s = sum(result.step_times)
-    result.peak_mem_bytes, result.peak_mem_kind = memory.peak, memory.kind
+    result.peak_mem_bytes = max(result.peak_mem_bytes, memory.peak)
+    result.peak_mem_kind = memory.kind
     result.optimizer_state_bytes = optimizer_state_bytes(trainer.optimizer)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return result
