@@ -34,6 +34,7 @@ from bench.export import export
 from bench.models import load_model
 from bench.store import RunStore
 from bench.train import Diverged, Preempted, train
+from bench.trackers import NoTracker, SafeTracker, make_tracker
 from methods.base import Method, WrapContext
 from tasks.base import Task
 
@@ -144,7 +145,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = store.run_dir(run_id)
     log.info("run %s -> %s", run_id, run_dir)
 
+    tracker = SafeTracker(NoTracker())
     try:
+        # ------------------------------------------------------------ tracker (a mirror; the record stays the truth)
+        tracker = make_tracker(cfg.get("tracker"), cfg.results_dir)  # a missing package fails here, before training
+        tracker.start(run_id, record["config"], {**names, "seed": str(cfg.seed), "cell_key": key,
+                                                 "attempt": str(record["attempts"])}, run_dir=run_dir)
+
         # ------------------------------------------------------------ setup
         seed_everything(cfg.seed)
         device, autocast_dtype = resolve_device(cfg.device, cfg.precision)
@@ -177,7 +184,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif checkpoint.exists():
             log.info("resuming %s from %s", run_id, checkpoint)
         result = train(model, method, loader, cfg.train, device, autocast_dtype, evaluate,
-                       progress=cfg.progress, desc=run_id, checkpoint=checkpoint)
+                       progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log)
         record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
 
         # ------------------------------------------------------------ evaluate + post-train
@@ -223,6 +230,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(status="preempted", error={"type": "Preempted", "message": str(e), "step": e.step})
         log.warning("%s preempted: %s", run_id, e)
         store.write(record)
+        tracker.finish(record)  # the signal may end the process before `finally`
         signal.raise_signal(e.signum)  # pass it on: SLURM/submitit requeue, or the default termination
     except Diverged as e:
         record.update(status="diverged", error={"type": "Diverged", "message": str(e), "step": e.step,
@@ -236,4 +244,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         record["timestamps"]["finished"] = now()
         store.write(record)
+        tracker.finish(record)  # after the record is written: it never waits on, or depends on, a tracker
     return record

@@ -286,12 +286,14 @@ def train(
     progress: bool = True,
     desc: str = "train",
     checkpoint: Path | None = None,
+    on_log: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each.
 
     With `checkpoint` set, a checkpoint is written every cfg.checkpoint_every steps and when the process receives
     SIGTERM or SIGUSR1 (then Preempted is raised); an existing checkpoint is resumed from. It is deleted when
-    training ends.
+    training ends. `on_log(step, row)` is called with every curve row and eval_history row as it is appended
+    (bench/trackers.py mirrors them to W&B or MLflow).
     """
     every = int(getattr(cfg, "checkpoint_every", 0) or 0)
     if checkpoint is not None and checkpoint.exists():
@@ -307,10 +309,14 @@ def train(
             result.tokens += out.tokens
             if (step + 1) % cfg.log_every == 0 or step == 0 or step + 1 == cfg.max_steps:
                 result.curve.append({"step": step + 1, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm})
+                if on_log is not None:
+                    on_log(step + 1, result.curve[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 result.eval_history.append({"step": step + 1, "metrics": evaluate(model)})
+                if on_log is not None:
+                    on_log(step + 1, result.eval_history[-1])
                 bar.write(f"step {step + 1}: {result.eval_history[-1]['metrics']}")
                 model.train()
             if checkpoint is not None and step + 1 < cfg.max_steps:
