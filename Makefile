@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test leaderboard intruders clean
+.PHONY: install demo test leaderboard intruders clean slurm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,16 @@ intruders: install
 	$(BIN)/python -m analysis spectral --results results/intruders
 	$(BIN)/python -m analysis figure all --results results/intruders
 
-test: install
+# The one-node SLURM cluster of the slurm tests (tests/slurm): Debian's packages, installed when this runs as root
+# on a machine with apt-get; elsewhere those tests skip and say why.
+slurm:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" -eq 0 ]; then \
+		$(PYTHON) scripts/slurm/cluster.py install; \
+	else \
+		echo "make slurm: not root or no apt-get: the slurm tests will be skipped"; \
+	fi
+
+test: install slurm
 	$(BIN)/python -m pytest
 
 clean:

@@ -250,10 +250,12 @@ def load_checkpoint(path: Path, model: nn.Module, method: Method, loader: DataLo
 
 
 class _Signals:
-    """Remembers SIGTERM / SIGUSR1 (SLURM's preemption and pre-time-limit signals) until the current step ends;
+    """Remembers SIGTERM / SIGUSR1 / SIGUSR2 (SLURM's preemption signal; the pre-time-limit signal of our launchers
+    and of submitit's) until the current step ends;
     the previous handlers are restored on exit so that the caller can pass the signal on."""
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
+                                getattr(signal, "SIGUSR2", None)) if s is not None)
 
     def __init__(self) -> None:
         self.received: int | None = None
