@@ -16,9 +16,12 @@ from methods.lora import LoRA
 from tests.helpers import compose_cfg
 
 
-def _writer(path: str, n: int) -> None:
+def _writer(path: str, n: int, tag: int = 0, go=None, ready=None) -> None:
+    if go is not None:  # start together: the writes overlap
+        ready.release()
+        go.wait()
     for i in range(n):
-        atomic_write_json(Path(path), {"i": i, "payload": "x" * 200_000})
+        atomic_write_json(Path(path), {"i": i, "tag": tag, "payload": "x" * 200_000})
 
 
 def test_atomic_write_never_shows_a_partial_record(tmp_path):
@@ -35,6 +38,31 @@ def test_atomic_write_never_shows_a_partial_record(tmp_path):
     assert json.loads(path.read_text())["i"] == 199
     assert not list(path.parent.glob("*.tmp")), "temporary files left behind"
     assert reads > 1
+
+
+def test_many_concurrent_writers_never_corrupt_a_record(tmp_path):
+    """Nodes of a cluster writing one shared results directory: every read parses, the last write wins whole."""
+    path = tmp_path / "runs" / "a" / "record.json"
+    atomic_write_json(path, {"i": -1, "tag": -1})
+    ctx = mp.get_context("spawn")
+    go, ready = ctx.Event(), ctx.Semaphore(0)
+    writers = [ctx.Process(target=_writer, args=(str(path), 60, tag, go, ready)) for tag in range(4)]
+    for w in writers:
+        w.start()
+    for _ in writers:
+        assert ready.acquire(timeout=120)
+    go.set()
+    reads, tags = 0, set()
+    while any(w.is_alive() for w in writers) or reads == 0:
+        tags.add(json.loads(path.read_text())["tag"])  # raises on a half-written or interleaved file
+        reads += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    final = json.loads(path.read_text())
+    assert final["i"] == 59 and final["tag"] in range(4) and len(final["payload"]) == 200_000
+    assert not list(path.parent.glob("*.tmp")), "temporary files left behind"
+    assert reads > 1 and len(tags - {-1}) >= 2, "the writers did not overlap"
 
 
 def _cfg(tmp_path, *extra):
