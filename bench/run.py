@@ -43,7 +43,9 @@ log = logging.getLogger("bench")
 SCHEMA = 1
 # Keys that change where or how loudly a run reports, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "export", "hydra")
-NON_SEMANTIC_TRAIN_KEYS = ("checkpoint_every",)  # how often a run saves itself does not change its result
+# Nested keys left out too: how often a run saves itself does not change its result, and the model's default
+# target_modules reaches the result only through method.target_modules, which the key keeps.
+NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("model", "target_modules"))
 
 
 def cell_names(cfg: DictConfig) -> dict[str, str]:
@@ -55,8 +57,9 @@ def cell_names(cfg: DictConfig) -> dict[str, str]:
 def cell_key(cfg: DictConfig, names: dict[str, str]) -> str:
     """A hash of everything that determines the result: the resolved config and the option names."""
     semantic = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_SEMANTIC_KEYS}
-    if isinstance(semantic.get("train"), dict):
-        semantic["train"] = {k: v for k, v in semantic["train"].items() if k not in NON_SEMANTIC_TRAIN_KEYS}
+    for group, key in NON_SEMANTIC_NESTED_KEYS:
+        if isinstance(semantic.get(group), dict):
+            semantic[group] = {k: v for k, v in semantic[group].items() if k != key}
     blob = json.dumps({"names": names, "config": semantic}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -165,7 +168,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         train_rows, eval_rows = task.examples("train", seed=cfg.seed), task.examples("eval")
         loader = train_loader(task, train_rows, collate, cfg.train, int(cfg.seed))
         eval_rows = sorted(eval_rows, key=task.length)  # less padding; metrics do not depend on the order
-        eval_loader = DataLoader(eval_rows, batch_size=cfg.train.eval_batch_size, collate_fn=collate)
+        eval_loader = DataLoader(eval_rows, batch_size=cfg.train.eval_batch_size,
+                                 collate_fn=task.eval_collate_fn(loaded.tokenizer))
 
         # ------------------------------------------------------------ wrap + calibrate
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed))
@@ -208,7 +212,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.export:
             seed_everything(cfg.seed)
             fresh = load_model(cfg.model, task.head).model
-            check = next(iter(eval_loader))
+            check = collate(eval_rows[:cfg.train.eval_batch_size])  # a training-style batch: model(**check) runs
             exported = export(model.to("cpu"), method, fresh, ctx, check, run_dir / "export")
             record["artifacts"]["export"] = {"kind": exported.kind, "path": "export", "reason": exported.reason,
                                              "max_abs_diff": exported.max_abs_diff, "ranks": exported.ranks}

@@ -17,10 +17,14 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The model head a task needs: what bench/models.py loads on top of the backbone."""
+    """The model head a task needs: what bench/models.py loads on top of the backbone.
 
-    kind: Literal["seq_cls"]
-    num_labels: int
+    seq_cls: a new classification/regression head with `num_labels` outputs (AutoModelForSequenceClassification).
+    causal_lm: the model's own language-modelling head (AutoModelForCausalLM); no new module, num_labels unused.
+    """
+
+    kind: Literal["seq_cls", "causal_lm"]
+    num_labels: int = 0
     problem_type: Literal["single_label_classification", "regression"] = "single_label_classification"
 
 
@@ -53,7 +57,13 @@ class Task:
         raise NotImplementedError
 
     def collate_fn(self, tokenizer: Any) -> Callable[[list[Any]], Batch]:
+        """Training batches: what `model(**batch)` takes, `labels` included (the loss comes from the model)."""
         raise NotImplementedError
+
+    def eval_collate_fn(self, tokenizer: Any) -> Callable[[list[Any]], Batch]:
+        """Evaluation batches, for evaluate() alone (a generative task: left-padded prompts and gold answers).
+        The default is the training collate. A task may keep `tokenizer` to decode generations in evaluate()."""
+        return self.collate_fn(tokenizer)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,

@@ -29,6 +29,19 @@ TASKS = sorted(
 )
 
 
+def tiny_model_for(task: str) -> str:
+    """The tiny random model of a task's unit tests: a Llama for generative (causal-LM) tasks, else a BERT."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from tasks.generative import GenerativeTask
+
+    target = OmegaConf.load(CONF / "task" / f"{task}.yaml").get("_target_")
+    if target is None:  # a GLUE subtask: its keys come from task/glue/_common.yaml
+        return "tiny_bert"
+    return "tiny_llama" if issubclass(get_class(target), GenerativeTask) else "tiny_bert"
+
+
 def compose_cfg(overrides: list[str]) -> DictConfig:
     """Compose conf/config.yaml with `overrides` and install the Hydra runtime config, as `python -m bench` does."""
     GlobalHydra.instance().clear()
