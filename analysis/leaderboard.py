@@ -796,6 +796,25 @@ def build_leaderboard(
     )
 
 
+def label_variants(records: list[dict]) -> list[dict]:
+    """Records whose method ran with different hyper-parameters on the same model and task get the differing
+    method keys in their label, `lora (r=1)` and `lora (r=8)`, so that variants are rows of their own rather
+    than pooled as if they were seeds of one configuration. Returns relabelled copies; others are unchanged."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((record.get("model"), record.get("method"), record.get("task")), []).append(record)
+    out = []
+    for group in groups.values():
+        configs = [(r.get("config") or {}).get("method") or {} for r in group]
+        keys = sorted({k for c in configs for k in c})
+        differing = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+        for record, config in zip(group, configs):
+            if differing:
+                record = dict(record, method=f"{record.get('method')} ({', '.join(f'{k}={config.get(k)}' for k in differing)})")
+            out.append(record)
+    return out
+
+
 def load_leaderboard(results_dir: Path) -> Leaderboard:
     """Read the records under ``results_dir`` and build the leaderboard.
 
@@ -804,7 +823,7 @@ def load_leaderboard(results_dir: Path) -> Leaderboard:
     results_dir = Path(results_dir)
     records, skipped = require_records(results_dir)
     return build_leaderboard(
-        records_frame(records),
+        records_frame(label_variants(list(records))),
         records_read=len(records),
         skipped_files=len(skipped),
         source=str(results_dir / "runs"),

@@ -460,3 +460,13 @@ def test_curves_frame_long_form(results: Path) -> None:
     assert curves["loss"].eq(0.69).all() and curves["step"].eq(1).all()
     sst2 = curves[(curves["method"] == "lora") & (curves["task"] == "glue/sst2") & (curves["seed"] == 0)]
     assert list(sst2["status"]) == ["completed"]
+
+
+def test_hyperparameter_variants_are_rows_of_their_own() -> None:
+    from analysis.leaderboard import label_variants
+
+    base = {"model": "minilm", "task": "glue/sst2", "method": "lora"}
+    records = [dict(base, id=f"{r}-{s}", config={"method": {"r": r, "lr": 3e-3}}) for r in (1, 8) for s in (0, 1)]
+    records.append(dict(base, method="full", id="f", config={"method": {"lr": 5e-5}}))
+    labels = [r["method"] for r in label_variants(records)]
+    assert labels == ["lora (r=1)", "lora (r=1)", "lora (r=8)", "lora (r=8)", "full"]
