@@ -293,7 +293,7 @@ def train(
     """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each.
 
     With `checkpoint` set, a checkpoint is written every cfg.checkpoint_every steps and when the process receives
-    SIGTERM or SIGUSR1 (then Preempted is raised); an existing checkpoint is resumed from. It is deleted when
+    SIGTERM, SIGUSR1 or SIGUSR2 (then Preempted is raised); an existing checkpoint is resumed from. It is deleted when
     training ends. `on_log(step, row)` is called with every curve row and eval_history row as it is appended
     (bench/trackers.py mirrors them to W&B or MLflow).
     """
