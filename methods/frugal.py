@@ -11,7 +11,7 @@ from torch import nn
 
 from methods.base import WrapContext
 from methods.full import Full
-from methods.galore import (adam_moments, project_down, project_up, projected_param_groups, projects_right,
+from methods.galore import (adam_moments, adamw_step_, project_down, project_up, projected_param_groups, projects_right,
                             svd_projector, target_weights)
 
 PROJECTIONS = ("svd", "randk", "columns", "rows", "block")
@@ -145,12 +145,7 @@ class FRUGALAdamW(torch.optim.Optimizer):
                     raise RuntimeError("FRUGALAdamW does not support sparse gradients")
                 grad, state = p.grad, self.state[p]
                 if not group["frugal"]:
-                    if not state:
-                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    if wd != 0:
-                        p.mul_(1 - lr * wd)
-                    exp_avg, denom, step_size = adam_moments(grad, state, betas, eps, lr)
-                    p.addcdiv_(exp_avg, denom, value=-step_size)
+                    adamw_step_(p, state, lr, wd, betas, eps)
                     continue
 
                 if kind != "block":

@@ -34,6 +34,18 @@ def adam_moments(grad: torch.Tensor, state: dict[str, Any], betas: tuple[float, 
     return exp_avg, denom, lr / bias_correction1
 
 
+def adamw_step_(p: torch.Tensor, state: dict[str, Any], lr: float, weight_decay: float,
+                betas: tuple[float, float], eps: float) -> None:
+    """One torch.optim.AdamW step of `p` on p.grad (decoupled decay, then the Adam step of `adam_moments`); the
+    moments live in `state` and are created on first use. For the parameters a custom optimizer leaves plain."""
+    if not state:
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    exp_avg, denom, step_size = adam_moments(p.grad, state, betas, eps, lr)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 def projected_param_groups(method: Full, model: nn.Module, weight_decay: float,
                            projected: Iterable[nn.Parameter], extra: dict[str, Any]) -> list[dict[str, Any]]:
     """The method's AdamW groups (decay on matrices, none on vectors) with the `projected` weights moved into a
@@ -146,12 +158,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
                 grad, state = p.grad, self.state[p]
                 if group["rank"] is None:
-                    if not state:
-                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    if wd != 0:
-                        p.mul_(1 - lr * wd)
-                    exp_avg, denom, step_size = adam_moments(grad, state, betas, eps, lr)
-                    p.addcdiv_(exp_avg, denom, value=-step_size)
+                    adamw_step_(p, state, lr, wd, betas, eps)
                     continue
 
                 right = projects_right(p.shape)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from methods.galore import adamw_step_
 from methods.lora import LoRA
 
 
@@ -139,24 +140,9 @@ class LoRAProAdam(torch.optim.Optimizer):
         b.add_(gb, alpha=-lr)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = state["step"]
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+            if p.grad is not None:
+                adamw_step_(p, self.state[p], group["lr"], group["weight_decay"], group["betas"], group["eps"])
 
 
 # ============================================================================================= method
