@@ -78,12 +78,26 @@ def resolve_source(cfg: DictConfig) -> str:
     return str(cfg.id)
 
 
+# Head kind -> "module:function" that loads a model for it. Text heads load here; other modalities keep their
+# loaders in their own modules (imported only when a task asks for that kind).
+LOADERS: dict[str, str] = {
+    "seq_cls": "bench.models:load_transformers_model",
+    "causal_lm": "bench.models:load_transformers_model",
+}
+
+
 def load_model(cfg: DictConfig, head: HeadSpec) -> LoadedModel:
-    """Load backbone + task head + tokenizer as `cfg` (conf/model/<name>.yaml) says."""
+    """Load backbone + task head + tokenizer (or image processor) as `cfg` (conf/model/<name>.yaml) says."""
     if cfg.source not in ("auto", "offline", "hub", "random"):
         raise ValueError(f"model.source must be auto, offline, hub or random; got {cfg.source!r}")
-    if head.kind not in ("seq_cls", "causal_lm"):
-        raise ValueError(f"unknown head kind {head.kind!r}")
+    if head.kind not in LOADERS:
+        raise ValueError(f"unknown head kind {head.kind!r}; known: {sorted(LOADERS)}")
+    module, function = LOADERS[head.kind].split(":")
+    return getattr(importlib.import_module(module), function)(cfg, head)
+
+
+def load_transformers_model(cfg: DictConfig, head: HeadSpec) -> LoadedModel:
+    """A text model: AutoModelForSequenceClassification (a new head) or AutoModelForCausalLM (its own head)."""
     source = str(cfg.id) if cfg.source == "hub" else resolve_source(cfg)
     causal = head.kind == "causal_lm"
     auto_model = AutoModelForCausalLM if causal else AutoModelForSequenceClassification

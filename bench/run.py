@@ -172,16 +172,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  collate_fn=task.eval_collate_fn(loaded.tokenizer))
 
         # ------------------------------------------------------------ wrap + calibrate
-        ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed))
-        total_base = sum(p.numel() for p in loaded.model.parameters())
-        model = method.prepare(loaded.model, ctx).to(device)
-        method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device),
-                         lambda m, b: m(**b).loss)
-
-        # ------------------------------------------------------------ train
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
             return task.evaluate(m, eval_loader, device, autocast_dtype)
 
+        def task_loss(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            return m(**b).loss
+
+        def train_batches() -> Iterator[dict[str, torch.Tensor]]:
+            for batch in train_loader(task, train_rows, collate, cfg.train, int(cfg.seed) + 2):
+                yield {k: v.to(device) for k, v in batch.items()}
+
+        ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed), evaluate=evaluate,
+                          main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss)
+        total_base = sum(p.numel() for p in loaded.model.parameters())
+        model = method.prepare(loaded.model, ctx).to(device)
+        method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)
+
+        # ------------------------------------------------------------ train
         checkpoint = run_dir / "checkpoint.pt"
         if cfg.force:
             checkpoint.unlink(missing_ok=True)  # a forced rerun starts from scratch
@@ -191,11 +198,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                        progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log)
         record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
 
-        # ------------------------------------------------------------ evaluate + post-train
+        # ------------------------------------------------------------ post-train + evaluate
+        post = method.post_train(model, ctx)  # compensation, pruning: the final evaluation scores its result
         t0 = time.perf_counter()
         metrics = evaluate(model)
         eval_s = time.perf_counter() - t0
-        metrics.update(method.post_train(model, ctx))
+        metrics.update(post)
         log.info("%s: %s", run_id, metrics)
 
         # ------------------------------------------------------------ artifacts + record

@@ -15,7 +15,8 @@ method:
       optimizer.step()
       on_step_end(model, step, optimizer) -> True asks the loop to rebuild the optimizer
                                          (the trainable set changed: rank growth, pruning, layer sampling)
-    post_train(model, ctx)               compensation, pruning; returns extra metrics
+    post_train(model, ctx)               compensation, pruning; returns extra metrics (ctx.evaluate scores
+                                         intermediate models); the final evaluation runs after it
     merge(model)                         a plain model with ΔW folded in
     delta_weights(model)                 {layer name: ΔW} for analysis and export
     trainable_parameters(model)          what counts as trained (for parameter counts and saving)
@@ -29,7 +30,7 @@ constructor argument. The option name is the file name; there is no other regist
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,22 @@ class WrapContext:
             (e.g. the classifier of a sequence-classification model). They are never adapted.
         seed: the run's seed, for methods that draw random bases.
         extra: task- or model-specific information a method may use (free-form).
+        evaluate: the task's evaluation on its eval split, {metric: value} (set by the runner; None in unit tests
+            that build a context by hand). Post-training methods score intermediate models with it (EoRA: base,
+            compressed, compensated; DyLoRA: each inference rank).
+        main_metric: the metric `evaluate` ranks by.
+        train_batches: a fresh iterator over training batches on the run's device, in a seeded order (set by the
+            runner): for compensation fine-tuning after training and for searches that need a held-out split.
+        loss_fn: the task loss of a batch, `loss_fn(model, batch)`.
     """
 
     head_modules: list[str] = field(default_factory=list)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    main_metric: str | None = None
+    train_batches: Callable[[], Iterator[Batch]] | None = None
+    loss_fn: LossFn | None = None
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
