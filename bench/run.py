@@ -183,7 +183,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 yield {k: v.to(device) for k, v in batch.items()}
 
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed), evaluate=evaluate,
-                          main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss)
+                          main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss,
+                          max_steps=int(cfg.train.max_steps))
         total_base = sum(p.numel() for p in loaded.model.parameters())
         model = method.prepare(loaded.model, ctx).to(device)
         method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)

@@ -57,6 +57,7 @@ class WrapContext:
         train_batches: a fresh iterator over training batches on the run's device, in a seeded order (set by the
             runner): for compensation fine-tuning after training and for searches that need a held-out split.
         loss_fn: the task loss of a batch, `loss_fn(model, batch)`.
+        max_steps: the run's optimizer steps (schedules that are fractions of training: LaMDA, TriAdaptLoRA).
     """
 
     head_modules: list[str] = field(default_factory=list)
@@ -66,6 +67,7 @@ class WrapContext:
     main_metric: str | None = None
     train_batches: Callable[[], Iterator[Batch]] | None = None
     loss_fn: LossFn | None = None
+    max_steps: int | None = None
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
