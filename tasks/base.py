@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -39,6 +40,8 @@ class Task:
         higher_is_better: {metric: direction} for every metric evaluate() returns.
         eval_split: "dev" for an official dev set, "heldout_from_train" when rows were held out from train.
         eval_note: a sentence every record and report carries when the eval split is not the official one.
+        run_dir: the run's folder, set by the runner before training: where evaluate() may save artifacts
+            (generated images, samples) beside the record. None outside a run.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Task:
     higher_is_better: dict[str, bool]
     eval_split: str = "dev"
     eval_note: str = ""
+    run_dir: Path | None = None
 
     def examples(self, split: Literal["train", "eval"]) -> Sequence[Any]:
         raise NotImplementedError
