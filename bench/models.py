@@ -83,6 +83,8 @@ def resolve_source(cfg: DictConfig) -> str:
 LOADERS: dict[str, str] = {
     "seq_cls": "bench.models:load_transformers_model",
     "causal_lm": "bench.models:load_transformers_model",
+    "image_cls": "bench.vision_models:load_image_model",
+    "diffusion": "bench.diffusion:load_diffusion_model",
 }
 
 

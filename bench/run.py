@@ -43,9 +43,10 @@ log = logging.getLogger("bench")
 SCHEMA = 1
 # Keys that change where or how loudly a run reports, not what it computes: left out of the cell key.
 NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "export", "hydra")
-# Nested keys left out too: how often a run saves itself does not change its result, and the model's default
-# target_modules reaches the result only through method.target_modules, which the key keeps.
-NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("model", "target_modules"))
+# Nested keys left out too: how often a run saves itself and whether it also scores the pretrained model do not
+# change its result, and the model's default target_modules reaches the result only through
+# method.target_modules, which the key keeps.
+NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"), ("model", "target_modules"))
 
 
 def cell_names(cfg: DictConfig) -> dict[str, str]:
@@ -183,6 +184,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for batch in train_loader(task, train_rows, collate, cfg.train, int(cfg.seed) + 2):
                 yield {k: v.to(device) for k, v in batch.items()}
 
+        probe_base = task.forgetting_probe(loaded.model.to(device), device, autocast_dtype)  # {} for most tasks
+        pretrained = evaluate(loaded.model) if cfg.train.get("eval_base") else {}  # the model before any change
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed), evaluate=evaluate,
                           main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss,
                           max_steps=int(cfg.train.max_steps))
@@ -206,6 +209,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics = evaluate(model)
         eval_s = time.perf_counter() - t0
         metrics.update(post)
+        metrics.update({f"pretrained/{name}": value for name, value in pretrained.items()})
+        if probe_base:  # forgetting: loss on general text before and after fine-tuning
+            probe = task.forgetting_probe(model, device, autocast_dtype)
+            for name, before in probe_base.items():
+                metrics.update({f"{name}_base": before, name: probe[name], f"{name}_increase": probe[name] - before})
+                record["higher_is_better"].update({f"{name}_base": False, name: False, f"{name}_increase": False})
         log.info("%s: %s", run_id, metrics)
 
         # ------------------------------------------------------------ artifacts + record

@@ -22,9 +22,11 @@ class HeadSpec:
 
     seq_cls: a new classification/regression head with `num_labels` outputs (AutoModelForSequenceClassification).
     causal_lm: the model's own language-modelling head (AutoModelForCausalLM); no new module, num_labels unused.
+    image_cls: a new image-classification head with `num_labels` outputs (bench/vision_models.py).
+    diffusion: a text-to-image diffusion model trained on its denoising loss (bench/diffusion.py); no head.
     """
 
-    kind: Literal["seq_cls", "causal_lm"]
+    kind: Literal["seq_cls", "causal_lm", "image_cls", "diffusion"]
     num_labels: int = 0
     problem_type: Literal["single_label_classification", "regression"] = "single_label_classification"
 
@@ -68,6 +70,12 @@ class Task:
         """Evaluation batches, for evaluate() alone (a generative task: left-padded prompts and gold answers).
         The default is the training collate. A task may keep `tokenizer` to decode generations in evaluate()."""
         return self.collate_fn(tokenizer)
+
+    def forgetting_probe(self, model: nn.Module, device: torch.device,
+                         autocast_dtype: torch.dtype | None) -> dict[str, float]:
+        """{"forget_ce": loss on a fixed sample of general text} for tasks that measure forgetting (generative
+        tasks); the runner calls it before and after fine-tuning. Default: {} (no probe)."""
+        return {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,

@@ -22,9 +22,9 @@ import bz2
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from tasks.generative import EvalMode, Example, GenerativeTask, PromptFormat
+from tasks.generative import Example, GenerativeTask, hub_rows
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "commonsense"
 SETS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa")
@@ -120,24 +120,27 @@ class CommonsenseTask(GenerativeTask):
                  "Trained on the offline train sets only (commonsense_170k is not available offline).")
 
     def __init__(self, train_sets: list[str] | tuple[str, ...] = TRAIN_SETS,
-                 eval_sets: list[str] | tuple[str, ...] = SETS, prompt_format: PromptFormat = "auto",
-                 max_length: int = 256, max_new_tokens: int = 32, eval_mode: EvalMode = "generate",
-                 eval_chunk: int = 16, train_on_inputs: bool = False, max_train_samples: int | None = None,
-                 max_eval_samples: int | None = None, eval_subset_seed: int = 0) -> None:
-        super().__init__(prompt_format, max_length, max_new_tokens, eval_mode, eval_chunk, train_on_inputs,
-                         max_train_samples, max_eval_samples, eval_subset_seed)
+                 eval_sets: list[str] | tuple[str, ...] = SETS, max_length: int = 256, max_new_tokens: int = 32,
+                 **common: Any) -> None:
+        super().__init__(max_length=max_length, max_new_tokens=max_new_tokens, **common)
         for s in [*train_sets, *eval_sets]:
             if s not in SETS:
                 raise ValueError(f"unknown commonsense set {s!r}; choose from {SETS}")
         missing = [s for s in train_sets if s not in TRAIN_SETS]
-        if missing:
+        if missing and self.train_source == "offline":
             raise ValueError(f"no offline train split for {missing}; available: {list(TRAIN_SETS)}")
         if not train_sets or not eval_sets:
             raise ValueError("train_sets and eval_sets must each name at least one set")
         self.train_sets, self.datasets = tuple(train_sets), tuple(eval_sets)
+        if self.train_source != "offline":
+            self.eval_note = self.eval_note.replace(
+                "Trained on the offline train sets only (commonsense_170k is not available offline).",
+                f"Trained on commonsense_170k ({self.train_source}).")
         self.higher_is_better = {"accuracy": True, **{f"accuracy/{s}": True for s in self.datasets}}
 
     def _load(self, split: Literal["train", "eval"]) -> list[Example]:
+        if split == "train" and self.train_source != "offline":  # commonsense_170k: all 8 sets, one file
+            return [_example(obj, "commonsense_170k") for obj in hub_rows(self.train_source, "train")]
         sets = self.train_sets if split == "train" else self.datasets
         return [row for s in sets for row in load_set(s, split)]
 

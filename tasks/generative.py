@@ -16,15 +16,23 @@ encodes prompt + response as one string and masks the length of the separately e
 where BPE merges across the boundary.
 
 Loss masking: labels are -100 on prompt and padding tokens (train_on_inputs=False). LLM-Adapters' and DoRA's
-finetune.py default is train_on_inputs=True (loss on the prompt too); the option reproduces it. Training rows are
-truncated to max_length from the right (as the reference's cutoff_len); a row whose response is cut off entirely
-contributes no loss.
+finetune.py default is train_on_inputs=True (loss on the prompt too); the option reproduces it. A training row longer
+than max_length keeps its response (up to max_length minus half the prompt) and loses the start of its prompt, so
+every row has response tokens to learn from; the reference's cutoff_len cuts from the right, which can drop the
+whole response of a long prompt (and a batch of such rows has no loss at all: NaN).
+
+Forgetting probe: the mean token cross-entropy of the model on a fixed sample of general text that no generative
+task trains on (offline: premises of the MNLI rows held out in tasks/data/glue, five genres of American English;
+hub: WikiText-2's test split), measured before and after fine-tuning; the runner records both and their difference
+(PEFT's method-comparison benchmark records the same signal).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -125,6 +133,16 @@ def pad(seqs: Sequence[Sequence[int]], value: int, side: Literal["left", "right"
     return out
 
 
+def fit_row(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Shorten a (prompt, response) pair to at most max_length tokens: the response keeps up to max_length minus
+    half the prompt (or minus the whole prompt when shorter), and the prompt loses tokens from its start."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    keep_response = min(len(response), max_length - min(len(prompt), max_length // 2))
+    keep_prompt = max_length - keep_response
+    return prompt[len(prompt) - keep_prompt:], response[:keep_response]
+
+
 def lm_collate(tokenizer: Any, prompt_format: PromptFormat = "auto", max_length: int = 512,
                train_on_inputs: bool = False) -> Callable[[Sequence[Example]], Batch]:
     """Training batches: prompt + response, right-padded; labels -100 on the prompt (unless train_on_inputs) and on
@@ -135,9 +153,9 @@ def lm_collate(tokenizer: Any, prompt_format: PromptFormat = "auto", max_length:
     def collate(rows: Sequence[Example]) -> Batch:
         ids, labels = [], []
         for r in rows:
-            p, a = encode(tokenizer, r.instruction, r.response, fmt, "train")
-            ids.append((p + a)[:max_length])
-            labels.append(((p if train_on_inputs else [-100] * len(p)) + a)[:max_length])
+            p, a = fit_row(*encode(tokenizer, r.instruction, r.response, fmt, "train"), max_length)
+            ids.append(p + a)
+            labels.append((p if train_on_inputs else [-100] * len(p)) + a)
         input_ids = pad(ids, pid, "right")  # (B, T)
         return {"input_ids": input_ids,
                 "attention_mask": pad([[1] * len(s) for s in ids], 0, "right"),  # (B, T)
@@ -243,6 +261,70 @@ def score_choices(model: nn.Module, tokenizer: Any, instruction: str, choices: S
                                  b["mc_n"].to(device)).cpu()
 
 
+# ---------------------------------------------------------------------------------------------- data sources
+
+MNLI_HELDOUT = Path(__file__).resolve().parent / "data" / "glue" / "mnli" / "heldout_from_train_1k.json"
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+
+
+def hub_rows(source: str, split: str = "train", name: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a data set on the hub (`datasets.load_dataset(source, name)`), or of a JSON file or URL
+    (`source` ending in .json/.jsonl: load_dataset("json", data_files=source))."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"loading {source!r} needs the `datasets` package: pip install -e '.[hub]'") from e
+    try:
+        if source.endswith((".json", ".jsonl")):
+            data = datasets.load_dataset("json", data_files=source, split=split)
+        else:
+            data = datasets.load_dataset(source, name, split=split)
+    except (ConnectionError, OSError) as e:
+        raise ConnectionError(f"could not load {source!r} from the hub ({e}); offline, use train_source=offline") from e
+    return [dict(row) for row in data]
+
+
+def probe_texts(source: str, samples: int, seed: int = 0) -> list[str]:
+    """The forgetting probe's fixed sample of general text: `samples` paragraphs of at least 80 characters, chosen
+    by a seeded shuffle. source: offline (MNLI premises held out in tasks/data/glue) or wikitext (hub)."""
+    if source == "offline":
+        rows = json.loads(MNLI_HELDOUT.read_text(encoding="utf-8")).values()
+        texts = list(dict.fromkeys(r["text_a"].strip() for r in rows))  # 3 hypotheses share a premise
+    elif source == "wikitext":
+        texts = [r["text"].strip() for r in hub_rows(WIKITEXT[0], "test", WIKITEXT[1])]
+    else:
+        raise ValueError(f"probe_source must be offline or wikitext; got {source!r}")
+    texts = [t for t in texts if len(t) >= 80]
+    if len(texts) < samples:
+        raise ValueError(f"the forgetting probe asks for {samples} texts; {source} has {len(texts)} of >= 80 chars")
+    return subset(texts, samples, seed)
+
+
+@torch.no_grad()
+def mean_token_ce(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int,
+                  device: torch.device, autocast_dtype: torch.dtype | None) -> float:
+    """Cross-entropy per token (nats) of `texts` under `model`, pooled over all their tokens (first max_length of
+    each; the first token of a text is context only)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for lo in range(0, len(texts), batch_size):
+            ids = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in texts[lo:lo + batch_size]]
+            input_ids = pad(ids, pad_id(tokenizer), "right").to(device)  # (B, T)
+            mask = pad([[1] * len(s) for s in ids], 0, "right").to(device)  # (B, T)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+            targets = input_ids[:, 1:]  # (B, T-1)
+            ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+            scored = mask[:, 1:].bool()  # (B, T-1): real next tokens only
+            total += float(ce[scored].sum())
+            count += int(scored.sum())
+    finally:
+        model.train(was_training)
+    return total / count
+
+
 # ---------------------------------------------------------------------------------------------- the task base
 
 
@@ -263,6 +345,11 @@ class GenerativeTask(Task):
         max_train_samples: a seeded random subset of train (null: all).
         max_eval_samples: a fixed random subset of eval, per data set (null: all).
         eval_subset_seed: the seed of the eval subset, fixed so that every run scores the same rows.
+        train_source: offline (the copies in tasks/data), or a hub data set id / JSON URL in the format the
+            subclass names (GSM8K: MetaMathQA's; commonsense: commonsense_170k's).
+        probe_samples: texts in the forgetting probe (0 turns it off).
+        probe_source: offline (MNLI premises) or wikitext (hub).
+        probe_max_length: tokens per probe text.
     """
 
     datasets: tuple[str, ...]
@@ -270,7 +357,8 @@ class GenerativeTask(Task):
     def __init__(self, prompt_format: PromptFormat = "auto", max_length: int = 512, max_new_tokens: int = 256,
                  eval_mode: EvalMode = "generate", eval_chunk: int = 16, train_on_inputs: bool = False,
                  max_train_samples: int | None = None, max_eval_samples: int | None = None,
-                 eval_subset_seed: int = 0) -> None:
+                 eval_subset_seed: int = 0, train_source: str = "offline", probe_samples: int = 64,
+                 probe_source: str = "offline", probe_max_length: int = 128) -> None:
         if eval_mode not in ("generate", "loglik"):
             raise ValueError(f"eval_mode must be generate or loglik; got {eval_mode!r}")
         if prompt_format not in ("auto", "chat", "llm_adapters"):
@@ -280,6 +368,12 @@ class GenerativeTask(Task):
         self.eval_mode, self.eval_chunk, self.train_on_inputs = eval_mode, int(eval_chunk), bool(train_on_inputs)
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.eval_subset_seed = eval_subset_seed
+        if probe_samples < 0 or probe_max_length < 2:
+            raise ValueError("probe_samples must be >= 0 (0: no probe) and probe_max_length >= 2")
+        if probe_source not in ("offline", "wikitext"):
+            raise ValueError(f"probe_source must be offline or wikitext; got {probe_source!r}")
+        self.train_source = str(train_source)
+        self.probe_samples, self.probe_source, self.probe_max_length = int(probe_samples), probe_source, int(probe_max_length)
         self.tokenizer: Any = None  # set by collate_fn / eval_collate_fn; evaluate() decodes with it
         self.samples: list[dict[str, Any]] = []  # the first rows of the last evaluation: prompt, output, prediction
 
@@ -303,6 +397,18 @@ class GenerativeTask(Task):
     def judge(self, text: str, dataset: str, gold: float) -> tuple[bool, str]:
         """(correct, extracted prediction) for a generated text."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def forgetting_probe(self, model: nn.Module, device: torch.device,
+                         autocast_dtype: torch.dtype | None) -> dict[str, float]:
+        """{"forget_ce": mean token cross-entropy on the probe texts}; {} when probe_samples is 0."""
+        if not self.probe_samples:
+            return {}
+        if self.tokenizer is None:
+            raise RuntimeError(f"{self.name}: the forgetting probe needs collate_fn(tokenizer) to have been called")
+        texts = probe_texts(self.probe_source, self.probe_samples)
+        return {"forget_ce": mean_token_ce(model, self.tokenizer, texts, self.probe_max_length, self.eval_chunk,
+                                           device, autocast_dtype)}
 
     # -------------------------------------------------------------- the Task contract
     def examples(self, split: Split, seed: int = 0) -> list[Example]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from tasks.generative import EvalMode, Example, GenerativeTask, PromptFormat
+from tasks.generative import EvalMode, Example, GenerativeTask, hub_rows
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "gsm8k"
 FILES = {"train": "train.jsonl", "eval": "test.jsonl"}
@@ -75,11 +75,22 @@ def load_offline(split: Literal["train", "eval"], keep_calculator_annotations: b
     return rows
 
 
+METAMATH_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.S)
+
+
+def metamath_example(obj: dict[str, str]) -> Example:
+    """A MetaMathQA row (meta-math/MetaMathQA: `query`, `response` ending "The answer is: N") as a training row."""
+    found = METAMATH_ANSWER.search(obj["response"])
+    return Example(instruction=obj["query"], response=obj["response"],
+                   answer=strip_thousands(found.group(1)) if found else "", dataset="metamathqa")
+
+
 class Gsm8kTask(GenerativeTask):
     """GSM8K as generation: train on question → solution, score exact match of the final number.
 
     Args:
         keep_calculator_annotations: keep "<<expr=value>>" in the training targets.
+        train_source: offline (OpenAI's train split) or a hub id of MetaMathQA's format (meta-math/MetaMathQA).
         (the rest: see GenerativeTask)
     """
 
@@ -89,17 +100,16 @@ class Gsm8kTask(GenerativeTask):
     higher_is_better = {"exact_match": True}
     eval_split = "test"  # OpenAI's test split (the split papers report)
 
-    def __init__(self, keep_calculator_annotations: bool = False, prompt_format: PromptFormat = "auto",
-                 max_length: int = 512, max_new_tokens: int = 256, eval_mode: EvalMode = "generate",
-                 eval_chunk: int = 16, train_on_inputs: bool = False, max_train_samples: int | None = None,
-                 max_eval_samples: int | None = None, eval_subset_seed: int = 0) -> None:
+    def __init__(self, keep_calculator_annotations: bool = False, eval_mode: EvalMode = "generate",
+                 **common: Any) -> None:
         if eval_mode != "generate":
             raise ValueError("GSM8K is scored by generation only (eval_mode=generate): it has no answer choices")
-        super().__init__(prompt_format, max_length, max_new_tokens, eval_mode, eval_chunk, train_on_inputs,
-                         max_train_samples, max_eval_samples, eval_subset_seed)
+        super().__init__(eval_mode=eval_mode, **common)
         self.keep_calculator_annotations = bool(keep_calculator_annotations)
 
     def _load(self, split: Literal["train", "eval"]) -> list[Example]:
+        if split == "train" and self.train_source != "offline":
+            return [metamath_example(obj) for obj in hub_rows(self.train_source, "train")]
         return load_offline(split, self.keep_calculator_annotations)
 
     def gold(self, row: Example) -> float:

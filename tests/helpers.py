@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,9 +28,11 @@ TASKS = sorted(
     str(p.relative_to(CONF / "task").with_suffix(""))
     for p in (CONF / "task").rglob("*.yaml")
     if not p.name.startswith("_") and "suite:" not in p.read_text()
+    and not re.search(r"^\s*source: hub\b", p.read_text(), re.M)  # hub-only tasks need the network and `datasets`
 )
 
 
+@functools.cache
 def tiny_model_for(task: str) -> str:
     """The tiny random model of a task's unit tests: a Llama for generative (causal-LM) tasks, else a BERT."""
     from hydra.utils import get_class
@@ -36,9 +40,14 @@ def tiny_model_for(task: str) -> str:
 
     from tasks.generative import GenerativeTask
 
-    target = OmegaConf.load(CONF / "task" / f"{task}.yaml").get("_target_")
+    raw = OmegaConf.load(CONF / "task" / f"{task}.yaml")
+    target = raw.get("task", raw).get("_target_")  # a `# @package _global_` task YAML nests its keys under task:
     if target is None:  # a GLUE subtask: its keys come from task/glue/_common.yaml
         return "tiny_bert"
+    if target == "tasks.dreambooth.DreamBoothTask":  # text-to-image: the tiny random Stable Diffusion
+        return "tiny_sd"
+    if target == "tasks.vision.ImageClassificationTask":  # image classification: the tiny random ViT
+        return "tiny_vit"
     return "tiny_llama" if issubclass(get_class(target), GenerativeTask) else "tiny_bert"
 
 

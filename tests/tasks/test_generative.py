@@ -17,8 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import bench.causal_lm as causal_lm
 from tasks.commonsense import (KEYWORDS, SETS, TRAIN_SETS, CommonsenseTask, answer_options, extract_answer,
                                hellaswag_rows, load_set)
-from tasks.generative import (LLM_ADAPTERS_EVAL_PROMPT, LLM_ADAPTERS_TRAIN_PROMPT, continuation_logprobs,
-                              greedy_generate, lm_collate, prompt_batch, score_choices)
+from tasks.generative import (LLM_ADAPTERS_EVAL_PROMPT, LLM_ADAPTERS_TRAIN_PROMPT, Example, continuation_logprobs,
+                              fit_row, greedy_generate, lm_collate, mean_token_ce, probe_texts, prompt_batch,
+                              score_choices)
 from tasks.gsm8k import DATA_DIR as GSM8K_DIR
 from tasks.gsm8k import Gsm8kTask, extract_number, is_correct, load_offline, reference_answer, strip_thousands
 
@@ -309,6 +310,104 @@ def test_gsm8k_task_trains_and_evaluates(tok, lm):
     assert set(metrics) == {"exact_match"} and 0.0 <= metrics["exact_match"] <= 1.0 and len(task.samples) == 3
     with pytest.raises(ValueError, match="generation only"):
         Gsm8kTask(eval_mode="loglik")
+
+
+# ---------------------------------------------------------------------------------------------- truncation
+
+
+@pytest.mark.parametrize("p,a,limit", [(10, 5, 64), (600, 40, 512), (600, 900, 512), (30, 900, 512), (3, 3, 4)])
+def test_fit_row_keeps_response_and_drops_prompt_start(p, a, limit):
+    prompt, response = list(range(p)), list(range(1000, 1000 + a))
+    kept_p, kept_a = fit_row(prompt, response, limit)
+    assert len(kept_p) + len(kept_a) == min(limit, p + a)
+    assert kept_a == response[:len(kept_a)] and len(kept_a) >= 1  # the response's start is always kept
+    assert kept_p == prompt[len(prompt) - len(kept_p):]  # the prompt loses its start, keeps its end
+    if p + a > limit:
+        assert len(kept_a) == min(a, limit - min(p, limit // 2))
+
+
+def test_rows_with_long_prompts_still_have_a_loss(tok, lm):
+    """A batch whose prompts alone exceed max_length: the reference's right truncation leaves no label (NaN loss)."""
+    long = "Natalia sold clips to 48 of her friends in April. " * 40
+    rows = [Example(instruction=long, response="She sold 48/2 = 24 clips in May. #### 72", answer="72",
+                    dataset="gsm8k")] * 2
+    batch = lm_collate(tok, "chat", max_length=64)(rows)
+    assert batch["input_ids"].shape[1] <= 64
+    assert bool((batch["labels"] != -100).any(1).all())  # every row keeps response tokens
+    assert torch.isfinite(lm(**batch).loss)
+
+
+# ---------------------------------------------------------------------------------------------- forgetting probe
+
+
+def test_probe_texts_are_a_fixed_sample_of_general_text():
+    texts = probe_texts("offline", 64)
+    assert texts == probe_texts("offline", 64) and len(set(texts)) == 64
+    assert all(len(t) >= 80 for t in texts)
+    with pytest.raises(ValueError, match="probe_source"):
+        probe_texts("books", 8)
+
+
+def test_probe_cross_entropy_is_the_models_token_loss(tok, lm):
+    texts = probe_texts("offline", 5)
+    singles = []
+    for t in texts:  # one text at a time: HF's own mean next-token loss, weighted by its scored tokens
+        ids = tok(t, truncation=True, max_length=40, return_tensors="pt").input_ids
+        with torch.no_grad():
+            singles.append((float(lm(input_ids=ids, labels=ids).loss), ids.shape[1] - 1))
+    expected = sum(loss * n for loss, n in singles) / sum(n for _, n in singles)
+    got = mean_token_ce(lm, tok, texts, 40, batch_size=2, device=torch.device("cpu"), autocast_dtype=None)
+    assert got == pytest.approx(expected, rel=1e-5)  # padding of the batched forward changes nothing
+
+
+def test_tasks_probe_before_collate_is_an_error(lm):
+    with pytest.raises(RuntimeError, match="collate_fn"):
+        Gsm8kTask(probe_samples=4).forgetting_probe(lm, torch.device("cpu"), None)
+    assert Gsm8kTask(probe_samples=0).forgetting_probe(lm, torch.device("cpu"), None) == {}
+
+
+# ---------------------------------------------------------------------------------------------- hub train sources
+
+
+class _FakeDatasets:
+    """Stands in for the `datasets` package: load_dataset returns the rows registered for a source."""
+
+    def __init__(self, rows: dict[str, list[dict]]) -> None:
+        self.rows, self.calls = rows, []
+
+    def load_dataset(self, path, name=None, split=None, data_files=None):
+        self.calls.append((path, name, split, data_files))
+        return self.rows[data_files or path]
+
+
+def test_gsm8k_trains_on_metamathqa_from_the_hub(monkeypatch):
+    fake = _FakeDatasets({"meta-math/MetaMathQA": [
+        {"query": "What is 2 + 3?", "response": "2 + 3 = 5.\nThe answer is: 5", "type": "GSM_Rephrased"},
+        {"query": "Sum of 1,000 and 1?", "response": "It is 1,001. The answer is: 1,001", "type": "MATH_AnsAug"}]})
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    rows = Gsm8kTask(train_source="meta-math/MetaMathQA").examples("train")
+    assert [(r.instruction, r.answer, r.dataset) for r in rows] == [
+        ("What is 2 + 3?", "5", "metamathqa"), ("Sum of 1,000 and 1?", "1001", "metamathqa")]
+    assert rows[0].response.endswith("The answer is: 5")
+    assert len(Gsm8kTask(train_source="meta-math/MetaMathQA").examples("eval")) == 1319  # eval stays GSM8K test
+
+
+def test_commonsense_trains_on_commonsense_170k_json(monkeypatch):
+    url = "https://example.org/commonsense_170k.json"
+    boolq = json.loads((Path(__file__).resolve().parents[2] / "tasks/data/commonsense/train/boolq.json").read_text())
+    fake = _FakeDatasets({url: boolq[:3]})
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    task = CommonsenseTask(train_source=url, train_sets=["piqa"])  # train_sets is not checked against offline sets
+    rows = task.examples("train")
+    assert fake.calls == [("json", None, "train", url)]
+    assert [r.response for r in rows] == [b["output"] for b in boolq[:3]] and rows[0].dataset == "commonsense_170k"
+    assert "commonsense_170k" in task.eval_note and "offline train sets only" not in task.eval_note
+
+
+def test_hub_source_without_datasets_names_the_extra(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"\.\[hub\]"):
+        Gsm8kTask(train_source="meta-math/MetaMathQA").examples("train")
 
 
 # ---------------------------------------------------------------------------------------------- the offline causal LM
