@@ -16,6 +16,31 @@ from methods.structured_lora import stable_seed
 from methods.swap import AdaptedLinear, SwapMethod
 
 
+def rescale_in_place(params: Sequence[nn.Parameter], factor: float, optimizer: torch.optim.Optimizer | None) -> None:
+    """p ← factor·p (no_grad, the same Parameter objects), and their AdamW moments re-expressed in the new units.
+
+    The output depends on p only through p/factor afterwards, so the gradient w.r.t. p scales by 1/factor; the moments
+    (EMAs of past gradients) are transformed the same way: exp_avg ← exp_avg/factor, exp_avg_sq (and max_exp_avg_sq)
+    ← ·/factor². They then equal the EMAs of the gradients of the new parametrisation along the same trajectory, and
+    the next AdamW update m̂/(√v̂ + ε) keeps its value (up to ε): Adam is invariant to a constant gradient scale.
+    (Scaling exp_avg by factor and exp_avg_sq by factor² would keep m/√v too, but would weigh the history factor²
+    times more than the new, 1/factor-sized gradients.) The step count is kept, so the bias correction goes on.
+    """
+    if factor == 1.0:
+        return
+    with torch.no_grad():
+        for p in params:
+            p.mul_(factor)
+            state = optimizer.state.get(p) if optimizer is not None else None
+            if not state:
+                continue
+            if "exp_avg" in state:
+                state["exp_avg"].div_(factor)
+            for key in ("exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key].div_(factor * factor)
+
+
 class IncreLoRALinear(AdaptedLinear):
     """y = W0·x + (α/ρ)·Σ_i e_i·b_i·a_iᵀ·x over the layer's components, ρ = the number of active ones.
 
@@ -107,6 +132,8 @@ class IncreLoRA(SwapMethod):
     """IncreLoRA: ΔW = (α/ρ)·Σ_{i≤ρ} e_i·b_i·a_iᵀ per layer, starting at ρ = init_rank; every `incre_interval` steps
     after `init_warmup`, the `top_h` layers with the highest importance gain `incre_rank_num` components each, until
     the total rank reaches target_rank × #layers (or target_total_rank). Loss += orth_reg_weight × orthogonality.
+    With preserve_output_on_growth (default) a growth multiplies the grown layer's e_i by ρ_new/ρ_old so the output
+    does not jump; false gives the reference's plain α/ρ rescale.
 
     Zhang et al., "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning",
     arXiv 2308.12043; reference FeiyuZhang98/IncreLoRA @ 51a2d734af7883ef90425206057c1ef25997b359
@@ -115,8 +142,9 @@ class IncreLoRA(SwapMethod):
 
     As in the reference:
     - Init: a_i, b_i ~ N(0, 0.02²), e_i = 0 for the init_rank active components, so the model starts at the base
-      (up to the reserve's e = 1e-5 term, ~1e-7 relative). α/ρ with ρ the current number of active components, so a
-      growth rescales the existing components by ρ_old/ρ_new, as the reference's `ranknum` does.
+      (up to the reserve's e = 1e-5 term, ~1e-7 relative). α/ρ with ρ the current number of active components, as
+      the reference's `ranknum`; with preserve_output_on_growth false a growth therefore rescales the existing
+      components by ρ_old/ρ_new, as in the reference (the default is below).
     - Advance learning: every layer keeps `incre_rank_num` reserve components whose a, b train (e frozen at 1e-5);
       when a layer is selected its reserve becomes active (e trainable, starting from 1e-5) and a fresh reserve is
       drawn. With advance_learn false the reserve is frozen with e = 0 until selected.
@@ -139,6 +167,10 @@ class IncreLoRA(SwapMethod):
     - Not implemented: the reference's per-group restarted warmup of the learning rate for new parameters
       (`multi_lr`): new parameters follow the run's schedule from where it is.
     - ρ has no +1e-5 (the reference divides by ranknum + 1e-5; ρ ≥ 1 here).
+    - preserve_output_on_growth (default true) folds ρ_new/ρ_old into the e of a grown layer's components (the
+      previously active ones and the joining reserve) at each growth, so ΔW, and the model's output, is unchanged
+      (up to the fresh reserve's e = 1e-5 term with advance learning); their AdamW moments are re-expressed in the
+      new units (`rescale_in_place`). The reference does not: its output jumps by ρ_old/ρ_new on the adapter part.
 
     Args:
         lr: learning rate (AdamW).
@@ -158,6 +190,8 @@ class IncreLoRA(SwapMethod):
         beta1: EMA coefficient of the importance.
         beta2: EMA coefficient of its uncertainty.
         orth_reg_weight: weight of the orthogonality regulariser.
+        preserve_output_on_growth: at a growth, multiply e of the grown layer's components by ρ_new/ρ_old (and
+            re-express their AdamW moments) so ΔW is unchanged; false: the reference's plain α/ρ rescale.
     """
 
     def __init__(
@@ -179,6 +213,7 @@ class IncreLoRA(SwapMethod):
         beta1: float = 0.85,
         beta2: float = 0.85,
         orth_reg_weight: float = 0.1,
+        preserve_output_on_growth: bool = True,
     ) -> None:
         super().__init__(lr=lr, target_modules=target_modules)
         if init_rank < 1 or target_rank < init_rank:
@@ -198,6 +233,7 @@ class IncreLoRA(SwapMethod):
         self.incre_rank_num = int(incre_rank_num) if incre_rank_num is not None else max(1, self.target_rank // 2)
         self.advance_learn, self.reserve_e, self.init_std = bool(advance_learn), float(reserve_e), float(init_std)
         self.beta1, self.beta2, self.orth_reg_weight = float(beta1), float(beta2), float(orth_reg_weight)
+        self.preserve_output_on_growth = bool(preserve_output_on_growth)
         self._generator = torch.Generator()
         self._layers: dict[str, IncreLoRALinear] = {}
         self.budget = 0
@@ -278,11 +314,14 @@ class IncreLoRA(SwapMethod):
     def on_step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> bool:
         if not self.growing or step <= self.init_warmup or step % self.incre_interval:
             return False
-        self.grow(model)
+        self.grow(model, optimizer)
         return True  # new parameters: the loop rebuilds the optimizer
 
-    def grow(self, model: nn.Module) -> dict[str, int]:
-        """Give the top_h layers by Ī·Ū their reserve (within the budget); {layer: components gained}."""
+    def grow(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Give the top_h layers by Ī·Ū their reserve (within the budget); {layer: components gained}.
+
+        With preserve_output_on_growth, e of a grown layer's components (the joining reserve included) is multiplied
+        by ρ_new/ρ_old, and their moments in `optimizer` (when given) are re-expressed in the new units."""
         layers: dict[str, IncreLoRALinear] = self.adapted_layers(model)  # type: ignore[assignment]
         score = {name: self.ema[name][0] * self.ema[name][1] for name in layers}
         order = sorted(layers, key=lambda name: -score[name])  # stable: ties keep the layer order
@@ -291,8 +330,11 @@ class IncreLoRA(SwapMethod):
             k = min(self.incre_rank_num, self.budget - self.total_rank)
             if k <= 0:
                 break
-            layers[name].activate(k)
-            self._draw(layers[name], k, active=False)  # a fresh reserve
+            layer, rho = layers[name], layers[name].n_active
+            layer.activate(k)
+            if self.preserve_output_on_growth:  # (α/ρ_new)·(ρ_new/ρ_old)·e_i = (α/ρ_old)·e_i: ΔW unchanged
+                rescale_in_place(list(layer.E)[:layer.n_active], layer.n_active / rho, optimizer)
+            self._draw(layer, k, active=False)  # a fresh reserve
             self.total_rank += k
             grown[name] = k
         if not self.growing:  # budget spent: the reserve has no further use

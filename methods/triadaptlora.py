@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import WrapContext
+from methods.increlora import rescale_in_place
 from methods.structured_lora import stable_seed
 from methods.swap import AdaptedLinear, SwapMethod
 
@@ -95,6 +96,8 @@ class TriAdaptLoRA(SwapMethod):
     is below R_tgt = reference_rank × #layers, the n_t layers whose ‖C‖_F/#blocks grew most since the last check gain
     incre_rank_num (reference_rank/2) components, with n_t = (R_tgt − R)·(t − t_w)/(T − t_w) ("linear") or
     (R_tgt − R)^((t − t_w)/(T − t_w)) ("nonlinear"), T the run's steps. Loss += orth_reg_weight × orthogonality.
+    With preserve_output_on_growth (default) a growth multiplies the grown layer's existing C by ρ_new/ρ_old so the
+    output does not jump; false gives the public code's plain α/ρ rescale.
 
     Liang, Wang and Zeng, "TriAdaptLoRA: Brain-Inspired Triangular Adaptive Low-Rank Adaptation for
     Parameter-Efficient Fine-Tuning", arXiv 2501.08008. No authors' repository was found; a public PEFT-style
@@ -104,7 +107,11 @@ class TriAdaptLoRA(SwapMethod):
     Init and growth (function-preserving, and every factor can learn):
     - First block: A ~ N(0, 0.02²), B = 0, C = I; so the model starts at the base and B·C·A = B·A, a LoRA.
     - A new block of k: A_new ~ N(0, 0.02²), B_new = 0, row block [0 | I_k], column block 0, so
-      C ← [[C, 0], [0, I_k]] and B·C·A is unchanged (ΔW changes only by the α/ρ rescale, as in the public code).
+      C ← [[C, 0], [0, I_k]] and B·C·A is unchanged; ΔW changes only by the α/ρ rescale, ρ_old/ρ_new, as in the
+      public code, unless preserve_output_on_growth (default true) first multiplies the existing row and column
+      blocks of C by ρ_new/ρ_old: C ← [[(ρ_new/ρ_old)·C, 0], [0, I_k]], so ΔW and the output are unchanged. Their
+      AdamW moments are re-expressed in the new units (exp_avg ÷ ρ_new/ρ_old, exp_avg_sq ÷ its square; see
+      methods.increlora.rescale_in_place).
     - The public implementation initialises B and C at zero (and every new block's A, B, C at zero): then
       ∂L/∂B = G·(CA)ᵀ = 0 and ∂L/∂C = Bᵀ·G·Aᵀ = 0 forever and only the first A moves. Here C ≠ 0, so B learns from
       step 0 and C (and the new A) as soon as B ≠ 0.
@@ -138,6 +145,8 @@ class TriAdaptLoRA(SwapMethod):
         orth_reg_weight: weight of the orthogonality regulariser.
         init_std: standard deviation of the normal init of A.
         total_steps: T when the context does not give the run's steps (WrapContext.max_steps wins).
+        preserve_output_on_growth: at a growth, multiply the grown layer's existing C by ρ_new/ρ_old (and
+            re-express its AdamW moments) so ΔW is unchanged; false: the public code's plain α/ρ rescale.
     """
 
     def __init__(
@@ -156,6 +165,7 @@ class TriAdaptLoRA(SwapMethod):
         orth_reg_weight: float = 0.5,
         init_std: float = 0.02,
         total_steps: int | None = None,
+        preserve_output_on_growth: bool = True,
     ) -> None:
         super().__init__(lr=lr, target_modules=target_modules)
         if init_rank < 1 or reference_rank < init_rank:
@@ -176,6 +186,7 @@ class TriAdaptLoRA(SwapMethod):
         self.warmup_ratio, self.incre_interval, self.growth = float(warmup_ratio), int(incre_interval), growth
         self.orth_reg_weight, self.init_std = float(orth_reg_weight), float(init_std)
         self.total_steps = total_steps
+        self.preserve_output_on_growth = bool(preserve_output_on_growth)
         self._generator = torch.Generator()
         self._layers: dict[str, TriAdaptLoRALinear] = {}
         self.budget = self.total_rank = 0
@@ -239,10 +250,13 @@ class TriAdaptLoRA(SwapMethod):
     def on_step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> bool:
         if self.total_rank >= self.budget or step <= self.init_warmup or step % self.incre_interval:
             return False
-        return bool(self.grow(model, step))  # new parameters: the loop rebuilds the optimizer
+        return bool(self.grow(model, step, optimizer))  # new parameters: the loop rebuilds the optimizer
 
-    def grow(self, model: nn.Module, step: int) -> dict[str, int]:
-        """Score every layer, give the top n_t their increment within the budget; {layer: components gained}."""
+    def grow(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Score every layer, give the top n_t their increment within the budget; {layer: components gained}.
+
+        With preserve_output_on_growth, a grown layer's existing C blocks are multiplied by ρ_new/ρ_old first, and
+        their moments in `optimizer` (when given) are re-expressed in the new units."""
         layers: dict[str, TriAdaptLoRALinear] = self.adapted_layers(model)  # type: ignore[assignment]
         now = {name: layer.normalized_core_norm() for name, layer in layers.items()}
         score = {name: now[name] - self.previous[name] for name in layers}
@@ -257,6 +271,8 @@ class TriAdaptLoRA(SwapMethod):
                 break
             if k <= 0:
                 continue
+            if self.preserve_output_on_growth:  # (α/ρ_new)·B·(ρ_new/ρ_old)·C·A = (α/ρ_old)·B·C·A: ΔW unchanged
+                rescale_in_place([*layer.C_row, *layer.C_col], (layer.rank + k) / layer.rank, optimizer)
             self._new_block(layer, k)
             self.total_rank += k
             self.previous[name] = layer.normalized_core_norm()  # re-baseline: the new block is not importance

@@ -1,7 +1,8 @@
 """IncreLoRA's properties (specs/methods.md, group D): the total rank never exceeds the budget and reaches it; adding
-a component does not change the layer's update (only the α/ρ rescale of the reference moves the output); the
-importance is |ΔW ⊙ ∂L/∂ΔW|; growth keeps the optimizer state of surviving parameters and starts new ones fresh; a
-run resumed after a growth event ends exactly where the uninterrupted run does."""
+a component does not change the output (preserve_output_on_growth, the default; with it off, the reference's α/ρ
+rescale multiplies ΔW by ρ_old/ρ_new); the folded-in scale re-expresses the AdamW moments as the gradient transforms;
+the importance is |ΔW ⊙ ∂L/∂ΔW|; growth keeps the optimizer state of surviving parameters and starts new ones fresh; a
+run resumed after a growth event ends exactly where the uninterrupted run does, in both modes."""
 
 from __future__ import annotations
 
@@ -61,18 +62,27 @@ def test_total_rank_never_exceeds_the_budget_and_reaches_it(incre_rank_num, budg
     assert method.post_train(model, t.ctx)["increlora_total_rank"] == budget
 
 
+def scaled(layer: IncreLoRALinear) -> torch.Tensor:
+    """ΔW = (α/ρ)·Σ e_i·b_i·a_iᵀ (float64)."""
+    return (layer.alpha / layer.n_active) * unscaled(layer)
+
+
+@pytest.mark.parametrize("preserve", [True, False])
 @pytest.mark.parametrize("advance_learn", [False, True])
-def test_adding_a_component_does_not_change_the_update(advance_learn):
-    """Without advance learning the new component (e = 0) leaves Σ e_i b_i a_iᵀ and, undoing the α/ρ rescale,
-    the output unchanged; with it, the new reserve adds only its e = 1e-5 term."""
-    t, method, model = increlora([f"method.advance_learn={str(advance_learn).lower()}", "method.top_h=3"])
-    with torch.no_grad():  # a trained-looking update: non-zero e on the active components
+def test_adding_a_component_keeps_the_output_or_rescales_the_update_by_rho_old_over_rho_new(advance_learn, preserve):
+    """preserve_output_on_growth: ΔW and the logits are unchanged (up to the fresh reserve's e = 1e-5 term with advance
+    learning, which is checked exactly at the ΔW level and removed for the logits). Off: ΔW_after = ΔW_before·ρ_old/ρ_new
+    (+ that term), the logits move, and undoing the α/ρ rescale restores them."""
+    t, method, model = increlora([f"method.advance_learn={str(advance_learn).lower()}", "method.top_h=3",
+                                  f"method.preserve_output_on_growth={str(preserve).lower()}"])
+    assert method.preserve_output_on_growth is preserve
+    with torch.no_grad():  # a trained-looking update: non-zero e on the active components, large enough to move logits
         for layer in layers(method, model).values():
             for i in range(layer.n_active):
-                layer.E[i].fill_(0.5)
+                layer.E[i].fill_(40.0)
     names = list(layers(method, model))
     method.ema = {n: [1.0, float(i)] for i, n in enumerate(names)}  # scores rise with the layer index
-    before = {n: unscaled(layer) for n, layer in layers(method, model).items()}
+    before = {n: scaled(layer) for n, layer in layers(method, model).items()}
     rho = {n: layer.n_active for n, layer in layers(method, model).items()}
     out = logits(model, t.batch)
     reserve = {n: layer.A[layer.n_active] for n, layer in layers(method, model).items()}  # the next to join
@@ -82,17 +92,68 @@ def test_adding_a_component_does_not_change_the_update(advance_learn):
     for name, layer in layers(method, model).items():
         assert layer.n_active == rho[name] + grown.get(name, 0)
         assert layer.n_components - layer.n_active == method.incre_rank_num  # a fresh reserve
-        diff = unscaled(layer) - before[name]
-        if advance_learn and name in grown:  # the new reserve's e·b·aᵀ term, e = 1e-5
+        if name not in grown:
+            assert torch.equal(scaled(layer), before[name]), name
+            continue
+        assert layer.A[rho[name]] is reserve[name]  # the reserve component joined, not a new one
+        fresh = torch.zeros_like(before[name])  # the fresh reserve's (α/ρ_new)·e·b·aᵀ, e = 1e-5 or 0
+        if advance_learn:
             a, b = layer.A[-1].detach().double(), layer.B[-1].detach().double()
-            torch.testing.assert_close(diff, method.reserve_e * b @ a, rtol=1e-6, atol=1e-12)
-        if name in grown:
-            assert layer.A[rho[name]] is reserve[name]  # the reserve component joined, not a new one
-        else:
-            assert diff.abs().max() == 0, name
-        layer.alpha = method.alpha * layer.n_active / rho[name]  # undo the α/ρ rescale
-    atol = 1e-5 if advance_learn else 1e-6
-    torch.testing.assert_close(logits(model, t.batch), out, rtol=0, atol=atol)
+            fresh = (layer.alpha / layer.n_active) * method.reserve_e * b @ a
+            assert 0 < fresh.abs().max() < 1e-5 * before[name].abs().max()
+        factor = 1.0 if preserve else rho[name] / layer.n_active  # ΔW_after = ΔW_before·ρ_old/ρ_new without it
+        torch.testing.assert_close(scaled(layer), before[name] * factor + fresh, rtol=1e-6, atol=1e-12)
+        with torch.no_grad():  # remove the fresh reserve's term: the rest must be exact
+            for e in list(layer.E)[layer.n_active:]:
+                e.zero_()
+    after = logits(model, t.batch)
+    if preserve:
+        torch.testing.assert_close(after, out, rtol=1e-5, atol=1e-5)  # fp32 rounding of the fold-in only
+    else:
+        assert (after - out).abs().max() > 1e-2  # the output jumps
+        for name in grown:  # undo the α/ρ rescale
+            layers(method, model)[name].alpha = method.alpha * layers(method, model)[name].n_active / rho[name]
+        torch.testing.assert_close(logits(model, t.batch), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_growth_re_expresses_the_adam_moments_as_the_gradient_transforms(preserve):
+    """With the fold-in, e ← c·e (c = ρ_new/ρ_old) with the output unchanged, so ∂L/∂e ← ∂L/∂e / c; the moments follow:
+    exp_avg ← exp_avg / c, exp_avg_sq ← exp_avg_sq / c², so m/√v (the next update's direction) is kept. Without it,
+    e and its moments are left alone."""
+    t, method, model = increlora(["method.advance_learn=false", "method.orth_reg_weight=0", "method.init_warmup=50",
+                                  "method.incre_interval=100", "method.top_h=2",
+                                  f"method.preserve_output_on_growth={str(preserve).lower()}"])
+    run = trainer(model, method, t.loader, steps=20)
+    for _ in range(3):  # no growth: step <= init_warmup
+        run.step()
+    assert method.total_rank == len(layers(method, model))
+
+    def grad_e0() -> dict[str, torch.Tensor]:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        model(**t.batch).loss.backward()
+        return {n: layer.E[0].grad.detach().clone() for n, layer in layers(method, model).items()}
+
+    state = run.optimizer.state
+    e0 = {n: layer.E[0].detach().clone() for n, layer in layers(method, model).items()}
+    m0 = {n: state[layer.E[0]]["exp_avg"].clone() for n, layer in layers(method, model).items()}
+    v0 = {n: state[layer.E[0]]["exp_avg_sq"].clone() for n, layer in layers(method, model).items()}
+    g0 = grad_e0()
+    assert all(m.abs().max() > 0 for m in m0.values()) and all(g.abs().max() > 0 for g in g0.values())
+    assert method.on_step_end(model, 100, run.optimizer)  # a growth, through the training loop's hook
+    grown = [n for n, layer in layers(method, model).items() if layer.n_active > 1]
+    assert len(grown) == 2
+    g1 = grad_e0()
+    for name, layer in layers(method, model).items():
+        c = layer.n_active if preserve else 1.0  # ρ_old = 1
+        p = layer.E[0]
+        torch.testing.assert_close(p.detach(), e0[name] * c, rtol=1e-6, atol=0)
+        torch.testing.assert_close(state[p]["exp_avg"], m0[name] / c, rtol=1e-6, atol=0)
+        torch.testing.assert_close(state[p]["exp_avg_sq"], v0[name] / c**2, rtol=1e-6, atol=0)
+        if preserve:  # same output: the gradient is divided by c, as the moments were
+            torch.testing.assert_close(g1[name], g0[name] / c, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(state[p]["exp_avg"] / state[p]["exp_avg_sq"].sqrt(), m0[name] / v0[name].sqrt())
 
 
 def test_importance_is_delta_times_its_gradient():
@@ -146,10 +207,11 @@ def test_extra_loss_is_the_orthogonality_of_the_stacked_factors():
     torch.testing.assert_close(loss.detach(), method.orth_reg_weight * torch.stack(terms).mean())
 
 
-@pytest.mark.parametrize("advance_learn", [True, False])
-def test_resume_after_a_growth_equals_the_uninterrupted_run(tmp_path, advance_learn):
+@pytest.mark.parametrize("advance_learn, preserve", [(True, True), (False, True), (True, False), (False, False)])
+def test_resume_after_a_growth_equals_the_uninterrupted_run(tmp_path, advance_learn, preserve):
     extra = ["method.init_warmup=1", "method.incre_interval=2", "method.top_h=2", "method.target_rank=2",
-             f"method.advance_learn={str(advance_learn).lower()}"]
+             f"method.advance_learn={str(advance_learn).lower()}",
+             f"method.preserve_output_on_growth={str(preserve).lower()}"]
     # growths at steps 2, 4, 6, 8; checkpoint after step 4 (one growth done), kill after step 6
     (method, model), (resumed, model2) = resume_matches_uninterrupted("increlora", extra, tmp_path, steps=10, every=4,
                                                                      die_after=6)

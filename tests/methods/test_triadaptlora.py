@@ -1,8 +1,10 @@
 """TriAdaptLoRA's properties (specs/methods.md, group D): C is assembled from lower-triangular row blocks and
 upper-triangular column blocks with ρ² free entries; merged == forward after growth; the total rank never exceeds the
-budget; growth leaves B·C·A unchanged; B learns from step 0 and C right after (the all-zero init of a public
-implementation never learns); n_t follows the schedule; a run resumed after a growth event ends exactly where the
-uninterrupted run does."""
+budget; growth leaves ΔW and the output unchanged (preserve_output_on_growth, the default: C absorbs ρ_new/ρ_old, and
+its AdamW moments are re-expressed as its gradient transforms) or, with it off, leaves B·C·A unchanged so that
+ΔW_after = ΔW_before·ρ_old/ρ_new; B learns from step 0 and C right after (the all-zero init of a public implementation
+never learns); n_t follows the schedule; a run resumed after a growth event ends exactly where the uninterrupted run
+does, in both modes."""
 
 from __future__ import annotations
 
@@ -82,25 +84,89 @@ def test_merged_equals_forward_and_the_budget_holds_after_growth():
         torch.testing.assert_close(d.double(), layer.scaling * b @ layer.core().detach().double() @ a, rtol=0, atol=1e-6)
 
 
-def test_growth_leaves_bca_unchanged_and_follows_the_core_growth_ranking():
-    t, method, model = triadapt(GROW_FAST)
+def _bca(layer: TriAdaptLoRALinear) -> torch.Tensor:
+    a, b = (x.detach().double() for x in layer.stacked())
+    return b @ layer.core().detach().double() @ a  # (m, n)
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_growth_keeps_the_output_or_rescales_the_update_and_follows_the_core_growth_ranking(preserve):
+    """preserve_output_on_growth: ΔW and the logits are unchanged by a growth (C ← [[c·C, 0], [0, I]], c = ρ_new/ρ_old).
+    Off: B·C·A is unchanged, so ΔW_after = ΔW_before·ρ_old/ρ_new and the logits move (undoing α/ρ restores them)."""
+    t, method, model = triadapt([*GROW_FAST, f"method.preserve_output_on_growth={str(preserve).lower()}"])
+    assert method.preserve_output_on_growth is preserve
     train_steps(model, method, t.loader, steps=2)  # no growth yet (t_w = 1, and train_steps' cfg has 2 steps)
     names = list(layers(method, model))
     favoured = [names[3], names[7]]
-    with torch.no_grad():  # these cores grew most since the last check
-        for name in favoured:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers(method, model).values():  # a B large enough for ΔW to move the logits
+            layer.B[0].copy_(0.5 * torch.randn(layer.B[0].shape, generator=g))
+        for name in favoured:  # these cores grew most since the last check
             layers(method, model)[name].C_row[0].add_(1.0)
     rank = {n: layer.rank for n, layer in layers(method, model).items()}
-    product = {n: layer.stacked()[1].detach().double() @ layer.core().detach().double() @ layer.stacked()[0].detach().double()
-               for n, layer in layers(method, model).items()}
+    product = {n: _bca(layer) for n, layer in layers(method, model).items()}
+    out = logits(model, t.batch)
     method.budget = method.total_rank + 2 * method.incre_rank_num  # room for two layers: n_t is clamped by the budget
     grown = method.grow(model, step=method.T - 1)  # late: n_t = all layers, the budget decides
     assert grown == {n: method.incre_rank_num for n in favoured}
     for name, layer in layers(method, model).items():
-        a, b = (x.detach().double() for x in layer.stacked())
-        torch.testing.assert_close(b @ layer.core().detach().double() @ a, product[name], rtol=0, atol=1e-12)
         assert layer.rank == rank[name] + grown.get(name, 0)
+        c = layer.rank / rank[name]  # ρ_new/ρ_old
+        delta_before = (method.alpha / rank[name]) * product[name]
+        delta_after = layer.scaling * _bca(layer)
+        if preserve:  # ΔW unchanged
+            torch.testing.assert_close(delta_after, delta_before, rtol=1e-6, atol=1e-12)
+        else:  # B·C·A unchanged: ΔW_after = ΔW_before·ρ_old/ρ_new
+            torch.testing.assert_close(_bca(layer), product[name], rtol=0, atol=1e-12)
+            torch.testing.assert_close(delta_after, delta_before / c, rtol=1e-12, atol=0)
     assert method.total_rank == method.budget
+    after = logits(model, t.batch)
+    if preserve:
+        torch.testing.assert_close(after, out, rtol=1e-5, atol=1e-5)  # fp32 rounding of the fold-in only
+    else:
+        assert (after - out).abs().max() > 1e-2  # the output jumps
+        for name in favoured:  # undo the α/ρ rescale
+            layers(method, model)[name].alpha = method.alpha * layers(method, model)[name].rank / rank[name]
+        torch.testing.assert_close(logits(model, t.batch), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_growth_re_expresses_the_adam_moments_of_c_as_its_gradient_transforms(preserve):
+    """With the fold-in, C ← c·C (c = ρ_new/ρ_old) with the output unchanged, so ∂L/∂C ← ∂L/∂C / c; the moments follow:
+    exp_avg ← exp_avg / c, exp_avg_sq ← exp_avg_sq / c², keeping m/√v. Without it, C and its moments are left alone."""
+    t, method, model = triadapt(["train.max_steps=100", "method.warmup_ratio=0.5", "method.incre_interval=1",
+                                 "method.orth_reg_weight=0",
+                                 f"method.preserve_output_on_growth={str(preserve).lower()}"])
+    run = Trainer(model, method, t.loader, SimpleNamespace(max_steps=100, grad_accum=1, warmup_ratio=0.0,
+                                                           weight_decay=0.0, max_grad_norm=1.0), torch.device("cpu"), None)
+    for _ in range(3):  # no growth: step <= t_w = 50
+        run.step()
+
+    def grad_c() -> dict[str, torch.Tensor]:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        model(**t.batch).loss.backward()
+        return {n: layer.C_row[0].grad.detach().clone() for n, layer in layers(method, model).items()}
+
+    state = run.optimizer.state
+    c0 = {n: layer.C_row[0].detach().clone() for n, layer in layers(method, model).items()}
+    m0 = {n: state[layer.C_row[0]]["exp_avg"].clone() for n, layer in layers(method, model).items()}
+    v0 = {n: state[layer.C_row[0]]["exp_avg_sq"].clone() for n, layer in layers(method, model).items()}
+    g0 = grad_c()
+    assert all(m.abs().max() > 0 for m in m0.values()) and all(g.abs().max() > 0 for g in g0.values())
+    assert method.on_step_end(model, 52, run.optimizer)  # a growth (n_t = 3), through the training loop's hook
+    grown = [n for n, layer in layers(method, model).items() if layer.rank > method.init_rank]
+    assert 0 < len(grown) < len(layers(method, model))
+    g1 = grad_c()
+    for name, layer in layers(method, model).items():
+        c = layer.rank / method.init_rank if preserve else 1.0
+        p = layer.C_row[0]
+        torch.testing.assert_close(p.detach(), c0[name] * c, rtol=1e-6, atol=0)
+        torch.testing.assert_close(state[p]["exp_avg"], m0[name] / c, rtol=1e-6, atol=0)
+        torch.testing.assert_close(state[p]["exp_avg_sq"], v0[name] / c**2, rtol=1e-6, atol=0)
+        if preserve:  # same output: the gradient is divided by c, as the moments were
+            torch.testing.assert_close(g1[name], g0[name] / c, rtol=1e-4, atol=1e-9)
 
 
 def test_layers_to_grow_follows_the_linear_and_nonlinear_schedules():
@@ -163,8 +229,10 @@ def test_new_parameters_start_fresh_and_old_ones_keep_their_optimizer_state():
         assert int(run.optimizer.state[layer.C_col[0]]["step"]) == 1
 
 
-def test_resume_after_a_growth_equals_the_uninterrupted_run(tmp_path):
-    extra = ["method.warmup_ratio=0.1", "method.incre_interval=2", "method.reference_rank=4"]
+@pytest.mark.parametrize("preserve", [True, False])
+def test_resume_after_a_growth_equals_the_uninterrupted_run(tmp_path, preserve):
+    extra = ["method.warmup_ratio=0.1", "method.incre_interval=2", "method.reference_rank=4",
+             f"method.preserve_output_on_growth={str(preserve).lower()}"]
     # T = 10, t_w = 1: growths at steps 2, 4, 6; checkpoint after step 4 (one growth done), kill after step 6
     (method, model), (resumed, model2) = resume_matches_uninterrupted("triadaptlora", extra, tmp_path, steps=10,
                                                                      every=4, die_after=6)
