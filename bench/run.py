@@ -204,6 +204,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
 
         # ------------------------------------------------------------ post-train + evaluate
+        # what training updated, counted before post_train (compression methods swap the trained adapter for another)
+        trained = sum(p.numel() for p in method.trainable_parameters(model).values())
         post = method.post_train(model, ctx)  # compensation, pruning: the final evaluation scores its result
         t0 = time.perf_counter()
         metrics = evaluate(model)
@@ -218,7 +220,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s: %s", run_id, metrics)
 
         # ------------------------------------------------------------ artifacts + record
-        trainable = method.trainable_parameters(model)
         adapter = method.adapter_state_dict(model)
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
         if cfg.record.save_adapter:
@@ -239,7 +240,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(
             status="completed",
             metrics=metrics,
-            params={"trainable": sum(p.numel() for p in trainable.values()), "total": total_base,
+            params={"trainable": trained, "total": total_base,
                     "adapter_bytes": adapter_bytes, "model_source": loaded.source},
             cost={"train_s": result.train_s, "step_s": result.median_step_s,
                   "tokens_per_s": result.tokens / result.train_s if result.train_s else None,
