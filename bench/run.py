@@ -211,6 +211,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics = evaluate(model)
         eval_s = time.perf_counter() - t0
         metrics.update(post)
+        if getattr(task, "samples", None):  # a few generations with their extracted answers, to read by eye
+            record["samples"] = list(task.samples)
         metrics.update({f"pretrained/{name}": value for name, value in pretrained.items()})
         if probe_base:  # forgetting: loss on general text before and after fine-tuning
             probe = task.forgetting_probe(model, device, autocast_dtype)
