@@ -534,15 +534,20 @@ class _Builder:
     # -- footnotes
 
     def _eval_split_notes(self) -> dict[str, str]:
-        """Footnote markers for tasks evaluated on something other than the official dev set."""
+        """Footnote markers for tasks evaluated on something other than an official dev set (an official test split,
+        rows held out from train, or a task-specific evaluation such as generated images)."""
         marks: dict[str, str] = {}
         off_dev = self.df[self.df["eval_split"].notna() & (self.df["eval_split"] != "dev")]
         for task in task_order(off_dev["task"]):
             rows = off_dev[off_dev["task"] == task]
             splits = ", ".join(f"`{s}`" for s in sorted(rows["eval_split"].unique()))
             notes = " ".join(sorted({n.strip() for n in rows["eval_note"] if isinstance(n, str) and n.strip()}))
-            held_out = "rows held out from the training data" if "heldout" in splits else "a non-dev split"
-            text = f"{task}: scored on {splits} ({held_out}), NOT the official dev set."
+            if "heldout" in splits:
+                text = f"{task}: scored on {splits} (rows held out from the training data), NOT the official dev set."
+            elif set(rows["eval_split"].unique()) == {"test"}:
+                text = f"{task}: scored on the official test split."
+            else:
+                text = f"{task}: scored on {splits}, not an official dev or test split."
             marks[task] = self.notes.mark(f"{text} {notes}".strip())
         return marks
 
