@@ -20,6 +20,9 @@ class Full(Method):
         target_modules: the layers whose ΔW is recorded for analysis (training touches all layers).
     """
 
+    #: ΔW = W − W0 exists for any weight: convolutions are recorded too (as (out, in, kh, kw))
+    supported_layers = (nn.Linear, nn.Conv2d)
+
     def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)

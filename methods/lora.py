@@ -30,6 +30,11 @@ class LoRA(Method):
       W0 = U S Vᵀ; B = U_r √S_r, A = √S_r V_rᵀ (PEFT divides S_r by s), frozen residual W0 − sBA.
     - OLoRA (Büyükakyüz, arXiv 2406.01775): `init: olora` (QR of W0).
 
+    Convolutions: plain LoRA and DoRA (init default or gaussian) also adapt nn.Conv2d with groups=1, as PEFT does:
+    A is a conv with the layer's kernel to r channels, B a 1×1 conv, so ΔW = s·(B·A) reshaped to (out, in, kh, kw);
+    DoRA's norm runs over each output channel's (in, kh, kw) block. PiSSA/OLoRA factor W0 as a matrix and
+    subclasses read B·A as matrices: they adapt nn.Linear only (Method.target_layers names any other type).
+
     Args:
         lr: learning rate.
         target_modules: module-name suffixes to adapt (PEFT's matching rule).
@@ -62,6 +67,12 @@ class LoRA(Method):
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.init, self.use_dora, self.use_rslora = init, bool(use_dora), bool(use_rslora)
 
+    @property
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
+        """nn.Linear; nn.Conv2d too for this class with PEFT's default or gaussian init (see the class docstring)."""
+        conv = type(self) is LoRA and self.init in ("default", "gaussian")
+        return (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
+
     def peft_config(self, layer_names: list[str], ctx: WrapContext) -> LoraConfig:
         return LoraConfig(
             r=self.r,
@@ -75,19 +86,27 @@ class LoRA(Method):
         )
 
     def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
-        layers = sorted(self.target_layers(model, ctx))
+        targets = self.target_layers(model, ctx)
+        for name, layer in targets.items():
+            if isinstance(layer, nn.Conv2d) and (type(layer) is not nn.Conv2d or layer.groups != 1):
+                raise TypeError(f"{type(self).__name__} adapts plain nn.Conv2d with groups=1 only; '{name}' is a "
+                                f"{type(layer).__name__} with groups={layer.groups}. Narrow method.target_modules.")
+        layers = sorted(targets)
         peft_model = get_peft_model(model, self.peft_config(layers, ctx))
         # the initial product s·B0·A0 (non-zero for pissa/olora, whose residual W0 − s·B0·A0 is frozen)
         self._init_product = self.products(peft_model) if self.init in ("pissa", "olora") else {}
         return peft_model
 
     def products(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """{layer: s·B·A} in float64 on the CPU; at init, the part an SVD/QR/gradient init moved out of W0."""
-        return {
-            name: layer.scaling["default"] * (layer.lora_B["default"].weight.detach().double()
-                                              @ layer.lora_A["default"].weight.detach().double()).cpu()
-            for name, layer in self.lora_layers(model).items()
-        }
+        """{layer: s·B·A} in float64 on the CPU, shaped like W0; at init, the part an SVD/QR/gradient init moved
+        out of W0. A conv's B (out, r, 1, 1) and A (r, in, kh, kw) multiply as matrices (out, r)·(r, in·kh·kw)."""
+        out = {}
+        for name, layer in self.lora_layers(model).items():
+            b = layer.lora_B["default"].weight.detach().double().cpu()  # (m, r) or (m, r, 1, 1)
+            a = layer.lora_A["default"].weight.detach().double().cpu()  # (r, n) or (r, n, kh, kw)
+            product = layer.scaling["default"] * (b.flatten(1) @ a.flatten(1))  # (m, n·kh·kw)
+            out[name] = product if a.ndim == 2 else product.reshape(b.shape[0], *a.shape[1:])  # (m, n[, kh, kw])
+        return out
 
     @staticmethod
     def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -99,20 +118,17 @@ class LoRA(Method):
         """ΔW in closed form, in float64 (cast to fp32), free of the rounding noise of a merged fp32 weight.
 
         LoRA: s·B·A.  PiSSA/OLoRA: s·(B·A − B0·A0).  DoRA: m ⊙ V/‖V‖_row − W0 with V = W0 + s·B·A.
+        A conv's ΔW has W0's shape (out, in, kh, kw); its DoRA row is an output channel's (in, kh, kw) block.
         """
-        deltas = {}
-        for name, layer in self.lora_layers(model).items():
-            s = layer.scaling["default"]
-            b = layer.lora_B["default"].weight.detach().double().cpu()  # (m, r)
-            a = layer.lora_A["default"].weight.detach().double().cpu()  # (r, n)
-            delta = s * (b @ a)  # (m, n)
+        deltas, layers = {}, self.lora_layers(model)
+        for name, delta in self.products(model).items():  # s·B·A, shaped like W0
             if name in self._init_product:
                 delta = delta - self._init_product[name]
             if self.use_dora:
-                w0 = self._w0[name].double()  # (m, n)
-                v = w0 + delta
-                magnitude = layer.lora_magnitude_vector["default"].weight.detach().double().cpu()  # (m,)
-                delta = magnitude[:, None] * v / v.norm(dim=1, keepdim=True) - w0
+                w0 = self._w0[name].double()  # (m, n[, kh, kw])
+                v = (w0 + delta).flatten(1)  # (m, n·kh·kw)
+                magnitude = layers[name].lora_magnitude_vector["default"].weight.detach().double().cpu().flatten()  # (m,)
+                delta = (magnitude[:, None] * v / v.norm(dim=1, keepdim=True)).reshape(w0.shape) - w0
             deltas[name] = delta.float()
         return deltas
 
@@ -123,7 +139,8 @@ class LoRA(Method):
     def expected_trainable(self, model: nn.Module, ctx: WrapContext) -> int:
         count = head_parameter_count(model, ctx)
         for layer in self.target_layers(model, ctx).values():
-            count += self.r * (layer.in_features + layer.out_features)  # A (r×n) + B (m×r)
+            m, n = layer.weight.shape[0], layer.weight[0].numel()  # a conv's n = in·kh·kw
+            count += self.r * (n + m)  # A (r×n) + B (m×r)
             if self.use_dora:
-                count += layer.out_features  # magnitude m
+                count += m  # magnitude m
         return count
