@@ -46,8 +46,10 @@ slurm:
 		echo "make slurm: not root or no apt-get: the slurm tests will be skipped"; \
 	fi
 
+# One worker per core, one test file per worker (the SLURM tests share one cluster), one torch thread per worker:
+# on 2 cores 10 min instead of 15 serially.
 test: install slurm
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile
 
 clean:
 	rm -rf results/runs results/hydra
