@@ -162,7 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record["env"] = capture_env(device)
         task: Task = build(cfg.task, "task", names["task"])
         method: Method = build(cfg.method, "method", names["method"])
-        record.update(main_metric=task.main_metric, higher_is_better=task.higher_is_better,
+        record.update(main_metric=task.main_metric, higher_is_better=dict(task.higher_is_better),
                       eval_split=task.eval_split, eval_note=task.eval_note, suite=task.suite)
         task.run_dir = run_dir  # where evaluate() may leave artifacts (generated images) beside the record
         loaded = load_model(cfg.model, task.head)
