@@ -196,12 +196,16 @@ class Method:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------- state
+    def saved_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """What a trained run (and a checkpoint) saves: the trainable tensors (adapter and heads). A method whose
+        frozen tensors change during training (re-factored bases, blocks trained in earlier periods) adds them."""
+        return self.trainable_parameters(model)
+
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """What a trained run saves: the trainable tensors (adapter and heads)."""
-        return {n: p.detach().to("cpu").contiguous() for n, p in self.trainable_parameters(model).items()}
+        return {n: p.detach().to("cpu").contiguous() for n, p in self.saved_parameters(model).items()}
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters(model)
+        params = self.saved_parameters(model)
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:

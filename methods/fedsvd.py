@@ -121,20 +121,8 @@ class FedSVD(SwapMethod):
         return False
 
     # ------------------------------------------------------------------------------------- state
-    def _saved_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def saved_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The trainable tensors plus every layer's A (re-factored during training: not reproducible from the seed)."""
         saved = dict(self.trainable_parameters(model))
         saved.update({f"{name}.A": layer.A for name, layer in self.adapted_layers(model).items()})
         return saved
-
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu").contiguous() for n, p in self._saved_parameters(model).items()}
-
-    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = self._saved_parameters(model)
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise KeyError(f"adapter state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.device, p.dtype))

@@ -201,22 +201,10 @@ class LISA(Full):
             return total - sum(sizes) + sum(sizes[i] for i in self.active)
         return total - sum(sizes) + self.gamma * sizes[0]
 
-    def _saved_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def saved_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """What a checkpoint must hold: the trainable set plus every block (inactive blocks trained earlier)."""
         prefix = self._blocks_path + "."
         return {n: p for n, p in model.named_parameters() if p.requires_grad or n.startswith(prefix)}
-
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu").contiguous() for n, p in self._saved_parameters(model).items()}
-
-    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = self._saved_parameters(model)
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise KeyError(f"adapter state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.device, p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         assert self._sampler is not None, "wrap() first"
