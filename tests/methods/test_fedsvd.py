@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.train import Trainer, train
+from bench.train import Trainer
 from methods.fedsvd import FedSVD, FedSVDLinear
 from tests.helpers import logits, tiny, wrapped
+from tests.methods.resume import resume_matches_uninterrupted
 
 
 def setup(extra: list[str] | None = None):
@@ -97,34 +98,9 @@ def test_resume_across_refactorings_equals_an_uninterrupted_run(tmp_path: Path):
     """refactor_every = 2, checkpoint every 3 steps, killed after step 5: the resumed run restarts from step 3 (A
     re-factored at step 2, B's Adam state one step old) and re-factors again at steps 4, 6, 8."""
     extra = ["method.refactor_every=2", "method.dropout=0.1"]  # dropout: the RNG state is restored too
-    t = tiny("fedsvd", extra=extra)
-    torch.manual_seed(0)
-    method, model = wrapped(t)
-    whole = train(model, method, t.loader, cfg(8, 3), torch.device("cpu"), None, lambda m: {}, progress=False)
-
-    ckpt = tmp_path / "checkpoint.pt"
-    t1 = tiny("fedsvd", extra=extra)
-    torch.manual_seed(0)
-    dying, m1 = wrapped(t1)
-    step_end = dying.on_step_end
-
-    def die(m: nn.Module, step: int, opt: torch.optim.Optimizer) -> bool:
-        if step + 1 == 5:
-            raise KeyboardInterrupt("killed after step 5")
-        return step_end(m, step, opt)
-
-    dying.on_step_end = die
-    with pytest.raises(KeyboardInterrupt):
-        train(m1, dying, t1.loader, cfg(8, 3), torch.device("cpu"), None, lambda m: {}, progress=False, checkpoint=ckpt)
-    assert ckpt.exists()
-
-    t2 = tiny("fedsvd", extra=extra)
-    torch.manual_seed(123)
-    method2, model2 = wrapped(t2)
-    resumed = train(model2, method2, t2.loader, cfg(8, 3), torch.device("cpu"), None, lambda m: {}, progress=False,
-                    checkpoint=ckpt)
-    assert resumed.resumed_from == [3] and not ckpt.exists()
-    assert [r["loss"] for r in resumed.curve] == [r["loss"] for r in whole.curve]
-    torch.testing.assert_close(logits(model2, t.batch), logits(model, t.batch), rtol=0, atol=0)
+    (method, model), (method2, model2) = resume_matches_uninterrupted("fedsvd", extra, tmp_path, steps=8, every=3,
+                                                                      die_after=5, grad_accum=2)
+    batch = tiny("fedsvd", extra=extra).batch
+    torch.testing.assert_close(logits(model2, batch), logits(model, batch), rtol=0, atol=0)
     for name, layer in method2.adapted_layers(model2).items():
         assert torch.equal(layer.A, method.adapted_layers(model)[name].A)

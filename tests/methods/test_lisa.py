@@ -20,6 +20,7 @@ from bench.train import Trainer, train
 from methods.galore import GaLoreAdamW
 from methods.lisa import LISA, BlockSampler, OwLore, find_blocks, input_feature_norms, outlier_ratio
 from tests.helpers import logits, tiny, wrapped
+from tests.methods.resume import resume_matches_uninterrupted
 
 SIX = ["model.random_config.num_hidden_layers=6"]
 
@@ -223,33 +224,8 @@ def test_owlore_with_no_outliers_samples_uniformly():
                                                     "method.r=4", "method.update_proj_gap=3"])])
 def test_resumed_run_draws_the_same_blocks_and_ends_where_an_uninterrupted_one_does(name, extra, tmp_path: Path):
     extra = [*SIX, *extra]
-    t = tiny(name, extra=extra)
-    torch.manual_seed(0)
-    method, model = wrapped(t)
-    whole = train(model, method, t.loader, cfg(9, 3), torch.device("cpu"), None, lambda m: {}, progress=False)
-
-    ckpt = tmp_path / "checkpoint.pt"
-    t1 = tiny(name, extra=extra)
-    torch.manual_seed(0)
-    dying, m1 = wrapped(t1)
-    step_end = dying.on_step_end
-
-    def die(m: nn.Module, step: int, opt: torch.optim.Optimizer) -> bool:
-        if step + 1 == 5:
-            raise KeyboardInterrupt("killed after step 5")
-        return step_end(m, step, opt)
-
-    dying.on_step_end = die
-    with pytest.raises(KeyboardInterrupt):
-        train(m1, dying, t1.loader, cfg(9, 3), torch.device("cpu"), None, lambda m: {}, progress=False, checkpoint=ckpt)
-    assert ckpt.exists()
-
-    t2 = tiny(name, extra=extra)
-    torch.manual_seed(123)
-    method2, model2 = wrapped(t2)
-    resumed = train(model2, method2, t2.loader, cfg(9, 3), torch.device("cpu"), None, lambda m: {}, progress=False,
-                    checkpoint=ckpt)
-    assert resumed.resumed_from == [3]
+    (method, model), (method2, model2) = resume_matches_uninterrupted(name, extra, tmp_path, steps=9, every=3,
+                                                                      die_after=5, warmup_ratio=0.0, weight_decay=0.0)
     assert method2.active == method.active
-    assert [r["loss"] for r in resumed.curve] == [r["loss"] for r in whole.curve]
-    torch.testing.assert_close(logits(model2, t.batch), logits(model, t.batch), rtol=0, atol=0)
+    batch = tiny(name, extra=extra).batch
+    torch.testing.assert_close(logits(model2, batch), logits(model, batch), rtol=0, atol=0)
