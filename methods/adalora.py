@@ -10,7 +10,7 @@ import torch
 from peft import AdaLoraConfig, PeftModel
 from torch import nn
 
-from methods.base import WrapContext
+from methods.base import WrapContext, rank_summary
 from methods.peft_tuners import PeftTuner
 
 ADAPTER = "default"
@@ -150,9 +150,7 @@ class AdaLoRA(PeftTuner):
         return {name: int(layer.lora_E[ADAPTER].count_nonzero()) for name, layer in self.tuner_layers(model).items()}
 
     def post_train(self, model: nn.Module, ctx: WrapContext) -> dict[str, float]:
-        ranks = list(self.ranks(model).values())
-        return {"adalora_total_rank": float(sum(ranks)), "adalora_rank_per_layer_min": float(min(ranks)),
-                "adalora_rank_per_layer_max": float(max(ranks))}
+        return rank_summary("adalora", self.ranks(model).values())
 
     # ------------------------------------------------------------------------------------- state
     def _allocator(self) -> Any:

@@ -223,6 +223,13 @@ class Method:
             raise ValueError(f"{type(self).__name__} has no state to load, got keys {sorted(state)}")
 
 
+def rank_summary(prefix: str, ranks: Iterable[int]) -> dict[str, float]:
+    """The record's summary of per-layer ranks after training: `<prefix>_total_rank`, `_rank_per_layer_min`, `_max`."""
+    ranks = list(ranks)
+    return {f"{prefix}_total_rank": float(sum(ranks)), f"{prefix}_rank_per_layer_min": float(min(ranks)),
+            f"{prefix}_rank_per_layer_max": float(max(ranks))}
+
+
 def head_parameter_count(model: nn.Module, ctx: WrapContext) -> int:
     """Parameters of the task heads, which every method trains in full."""
     return sum(p.numel() for h in ctx.head_modules for p in model.get_submodule(h).parameters())

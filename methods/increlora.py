@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import WrapContext
+from methods.base import WrapContext, rank_summary
 from methods.structured_lora import stable_seed
 from methods.swap import AdaptedLinear, SwapMethod
 
@@ -348,9 +348,7 @@ class IncreLoRA(SwapMethod):
         return {name: layer.n_active for name, layer in self.adapted_layers(model).items()}  # type: ignore[misc]
 
     def post_train(self, model: nn.Module, ctx: WrapContext) -> dict[str, float]:
-        ranks = list(self.ranks(model).values())
-        return {"increlora_total_rank": float(sum(ranks)), "increlora_rank_per_layer_min": float(min(ranks)),
-                "increlora_rank_per_layer_max": float(max(ranks))}
+        return rank_summary("increlora", self.ranks(model).values())
 
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

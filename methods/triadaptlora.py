@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import WrapContext
+from methods.base import WrapContext, rank_summary
 from methods.increlora import rescale_in_place
 from methods.structured_lora import stable_seed
 from methods.swap import AdaptedLinear, SwapMethod
@@ -284,9 +284,7 @@ class TriAdaptLoRA(SwapMethod):
         return {name: layer.rank for name, layer in self.adapted_layers(model).items()}  # type: ignore[misc]
 
     def post_train(self, model: nn.Module, ctx: WrapContext) -> dict[str, float]:
-        ranks = list(self.ranks(model).values())
-        return {"triadaptlora_total_rank": float(sum(ranks)), "triadaptlora_rank_per_layer_min": float(min(ranks)),
-                "triadaptlora_rank_per_layer_max": float(max(ranks))}
+        return rank_summary("triadaptlora", self.ranks(model).values())
 
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
