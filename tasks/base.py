@@ -92,3 +92,21 @@ def subset(rows: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(rows), generator=g)[:limit].sort().values
     return [rows[i] for i in idx.tolist()]
+
+
+def load_hub_dataset(path: str, name: str | None = None, split: str = "train", data_files: str | None = None, *,
+                     offline: str) -> Any:
+    """`datasets.load_dataset(path, name, split=split)` (with `data_files` for a JSON file or URL), failing with the
+    fix: a missing `datasets` package names the `hub` extra, an unreachable hub names the offline alternative
+    (`offline`, e.g. "use task.source=offline")."""
+    try:
+        import datasets  # optional and heavy: imported only when a task reads from the hub
+    except ImportError as e:
+        raise ImportError(f"loading {path!r} needs the Hugging Face `datasets` package: pip install 'deltabench[hub]' "
+                          f"(in a checkout: pip install -e '.[hub]'); or {offline}") from e
+    extra = {"data_files": data_files} if data_files else {}
+    try:
+        return datasets.load_dataset(path, name, split=split, **extra)
+    except (OSError, ConnectionError) as e:  # requests / huggingface_hub connection errors are OSErrors
+        raise RuntimeError(f"could not load {path!r} (config {name!r}, split {split!r}) from the Hugging Face hub "
+                           f"(hub unreachable or no network?): {e}. Offline, {offline}.") from e

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tasks.base import Batch, HeadSpec, Task, subset
+from tasks.base import Batch, HeadSpec, Task, load_hub_dataset, subset
 
 PromptFormat = Literal["auto", "chat", "llm_adapters"]
 Split = Literal["train", "eval"]
@@ -270,17 +270,11 @@ WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 def hub_rows(source: str, split: str = "train", name: str | None = None) -> list[dict[str, Any]]:
     """Rows of a data set on the hub (`datasets.load_dataset(source, name)`), or of a JSON file or URL
     (`source` ending in .json/.jsonl: load_dataset("json", data_files=source))."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(f"loading {source!r} needs the `datasets` package: pip install -e '.[hub]'") from e
-    try:
-        if source.endswith((".json", ".jsonl")):
-            data = datasets.load_dataset("json", data_files=source, split=split)
-        else:
-            data = datasets.load_dataset(source, name, split=split)
-    except (ConnectionError, OSError) as e:
-        raise ConnectionError(f"could not load {source!r} from the hub ({e}); offline, use train_source=offline") from e
+    offline = "use train_source=offline"
+    if source.endswith((".json", ".jsonl")):
+        data = load_hub_dataset("json", None, split, data_files=source, offline=offline)
+    else:
+        data = load_hub_dataset(source, name, split, offline=offline)
     return [dict(row) for row in data]
 
 

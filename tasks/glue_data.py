@@ -36,6 +36,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from tasks.base import load_hub_dataset
+
 __all__ = [
     "DEFAULT_DATA_DIR",
     "GLUE_SPECS",
@@ -461,23 +463,9 @@ def load_hub(task: str, split: Split, dataset_id: str = "nyu-mll/glue") -> list[
     """
     spec = get_spec(task)
     _check_split(split)
-    try:
-        import datasets  # noqa: PLC0415 - optional heavy dependency, imported lazily
-    except ImportError as exc:
-        raise ImportError(
-            "load_hub needs the Hugging Face `datasets` package: pip install deltabench[hub] "
-            "(or use task.source=offline for the bundled copies)"
-        ) from exc
-
     hf_split = "train" if split == "train" else spec.hub_eval_split
-    try:
-        ds = datasets.load_dataset(dataset_id, spec.name, split=hf_split)
-    except (OSError, ConnectionError) as exc:  # requests/hf_hub connection errors are OSErrors
-        raise RuntimeError(
-            f"could not load {dataset_id!r} config {spec.name!r} split {hf_split!r} from the "
-            f"Hugging Face Hub (hub unreachable or no network?): {exc}. "
-            "Use task.source=offline to train/evaluate on the bundled copies in tasks/data/glue."
-        ) from exc
+    ds = load_hub_dataset(dataset_id, spec.name, hf_split,
+                          offline="use task.source=offline to train/evaluate on the bundled copies in tasks/data/glue")
 
     key_a = spec.text_keys[0]
     key_b = spec.text_keys[1] if spec.is_pair else None

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tasks.base import Batch, HeadSpec, Task, subset
+from tasks.base import Batch, HeadSpec, Task, load_hub_dataset, subset
 
 DATA = Path(__file__).resolve().parent / "data"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -165,17 +165,8 @@ class ImageClassificationTask(Task):
 
     def _hub_split(self, split: Literal["train", "eval"]) -> Any:
         if split not in self._hub:
-            try:
-                import datasets
-            except ImportError as e:
-                raise ImportError(f"task {self.name} with source=hub needs the Hugging Face `datasets` package: "
-                                  f"pip install -e '.[hub]' (or use task=vision/cifar10, which ships offline)") from e
-            name = self.hub_splits[split]
-            try:
-                ds = datasets.load_dataset(self.hub_id, self.hub_config, split=name)
-            except (OSError, ConnectionError) as e:
-                raise RuntimeError(f"could not load {self.hub_id!r} split {name!r} from the Hugging Face hub (no "
-                                   f"network?): {e}. Offline, use task=vision/cifar10.") from e
+            ds = load_hub_dataset(self.hub_id, self.hub_config, self.hub_splits[split],
+                                  offline="use task=vision/cifar10, which ships offline")
             missing = [c for c in (self.image_column, self.label_column) if c not in ds.column_names]
             if missing:
                 raise ValueError(f"{self.hub_id} has no column {missing} (columns: {ds.column_names}); "
