@@ -34,9 +34,10 @@ from bench.export import export
 from bench.models import load_model
 from bench.store import RunStore
 from bench.train import Diverged, Preempted, train
+from bench.tuning import SEARCH_KEY, Pruned, TrialReporter, objective
 from bench.trackers import NoTracker, SafeTracker, make_tracker
 from methods.base import Method, WrapContext
-from tasks.base import Task
+from tasks.base import Holdout, Task
 
 log = logging.getLogger("bench")
 
@@ -46,7 +47,13 @@ NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "e
 # Nested keys left out too: how often a run saves itself and whether it also scores the pretrained model do not
 # change its result, and the model's default target_modules reaches the result only through
 # method.target_modules, which the key keeps.
-NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"), ("model", "target_modules"))
+# The tuning bookkeeping (which study, storage and trial id a trial reports to, whether it also measures sharpness,
+# where a final run finds its study's summary) does not change the result either; tune.role does (what is scored).
+NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"), ("model", "target_modules"),
+                            ("tune", "study"), ("tune", "storage"), ("tune", "trial_id"), ("tune", "sharpness"),
+                            ("tune", "effort_file"))
+#: Statuses that end a cell: a rerun skips it unless force=true (a pruned trial is a finished trial).
+FINAL_STATUSES = ("completed", "pruned")
 
 
 def cell_names(cfg: DictConfig) -> dict[str, str]:
@@ -91,7 +98,9 @@ class ConfigError(ValueError):
 def build(node: DictConfig, group: str, option: str) -> Any:
     """Instantiate conf/<group>/<option>.yaml, reporting a constructor's complaint with the option that caused it."""
     try:
-        return instantiate(node, _convert_="all")
+        resolved = OmegaConf.to_container(node, resolve=True)
+        resolved.pop(SEARCH_KEY, None)  # the method's search space is the tuning sweeper's, not a constructor argument
+        return instantiate(resolved, _convert_="all")
     except InstantiationException as e:
         cause = e.__cause__ or e
         raise ConfigError(f"{group}={option}: {cause} (defaults in conf/{group}/{option}.yaml)") from cause
@@ -117,6 +126,31 @@ def calibration_batches(rows: list[Any], collate: Any, tcfg: DictConfig, seed: i
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def tuning_block(cfg: DictConfig) -> dict[str, Any]:
+    """What the record says of the tuning effort behind it: the protocol, the run's role, the tuned values of a
+    trial, and for a reported (final) run its study's summary (trials by outcome, budget, chosen values and the
+    validation score that chose them), copied from the file the sweeper wrote."""
+    protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
+    block: dict[str, Any] = {"protocol": protocol["name"], "role": cfg.tune.role, "study": cfg.tune.study,
+                             "budget": {"max_steps": int(cfg.train.max_steps), "batch_size": int(cfg.train.batch_size),
+                                        "grad_accum": int(cfg.train.grad_accum)}}
+    if cfg.tune.role == "trial":
+        keys = protocol.get("tune_keys") or list((cfg.method.get(SEARCH_KEY) or {}).keys())
+        block["params"] = {k: OmegaConf.to_container(cfg.method, resolve=True).get(k) for k in keys}
+    if cfg.tune.role == "final" and cfg.tune.effort_file:
+        block.update(json.loads(Path(cfg.tune.effort_file).read_text()))
+    return block
+
+
+def measure_sharpness(model: torch.nn.Module, method: Method, train_batches: Any, loss_fn: Any, n_batches: int,
+                      seed: int) -> dict[str, Any]:
+    """λ_max of the loss Hessian in the trainable parameters at init (bench/sharpness.py); no effect on training."""
+    from bench.sharpness import top_hessian_eigenvalue
+
+    batches = [b for _, b in zip(range(n_batches), train_batches())]
+    return top_hessian_eigenvalue(model, method.trainable_parameters(model), batches, loss_fn, seed=seed).as_record()
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -132,8 +166,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_id = f"{names['task'].replace('/', '-')}__{names['method']}__{names['model']}__s{cfg.seed}__{key[:8]}"
     store = RunStore(Path(cfg.results_dir))
     previous = store.read(run_id)
-    if previous and previous["status"] == "completed" and not cfg.force:
-        log.info("skip %s: completed at %s (force=true reruns it)", run_id, previous["timestamps"]["finished"])
+    if previous and previous["status"] in FINAL_STATUSES and not cfg.force:
+        log.info("skip %s: %s at %s (force=true reruns it)", run_id, previous["status"],
+                 previous["timestamps"]["finished"])
         previous["skipped"] = True
         return previous
     record: dict[str, Any] = {
@@ -144,6 +179,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "curve": [], "eval_history": [], "params": {}, "cost": {}, "env": {}, "artifacts": {},
         "timestamps": {"created": now(), "started": now(), "finished": None},
         "attempts": (previous or {}).get("attempts", 0) + 1, "error": None,
+        "tuning": tuning_block(cfg),
     }
     store.write(record)
     run_dir = store.run_dir(run_id)
@@ -165,9 +201,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(main_metric=task.main_metric, higher_is_better=dict(task.higher_is_better),
                       eval_split=task.eval_split, eval_note=task.eval_note, suite=task.suite)
         task.run_dir = run_dir  # where evaluate() may leave artifacts (generated images) beside the record
+        role = cfg.tune.role
+        if cfg.protocol.name != "none":  # every run of a protocol trains without its validation holdout
+            task.holdout = Holdout(**cfg.protocol.validation)
         loaded = load_model(cfg.model, task.head)
         collate = task.collate_fn(loaded.tokenizer)
-        train_rows, eval_rows = task.examples("train", seed=cfg.seed), task.examples("eval")
+        train_rows = task.examples("train", seed=cfg.seed)
+        eval_rows = task.examples("validation" if role == "trial" else "eval")  # a trial never sees the eval split
+        if role == "trial":
+            record.update(eval_split="validation", eval_note=(
+                f"tuning trial: scored on {len(eval_rows)} rows held out from train "
+                f"(protocol {cfg.protocol.name}, seed {cfg.protocol.validation.seed})"))
         loader = train_loader(task, train_rows, collate, cfg.train, int(cfg.seed))
         eval_rows = sorted(eval_rows, key=task.length)  # less padding; metrics do not depend on the order
         eval_loader = DataLoader(eval_rows, batch_size=cfg.train.eval_batch_size,
@@ -185,13 +229,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 yield {k: v.to(device) for k, v in batch.items()}
 
         probe_base = task.forgetting_probe(loaded.model.to(device), device, autocast_dtype)  # {} for most tasks
-        pretrained = evaluate(loaded.model) if cfg.train.get("eval_base") else {}  # the model before any change
+        pretrained = evaluate(loaded.model) if cfg.train.get("eval_base") and role != "trial" else {}
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed), evaluate=evaluate,
                           main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss,
                           max_steps=int(cfg.train.max_steps))
         total_base = sum(p.numel() for p in loaded.model.parameters())
         model = method.prepare(loaded.model, ctx).to(device)
         method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)
+        if role == "trial" and cfg.tune.sharpness and cfg.protocol.get("sharpness_batches"):
+            record["tuning"]["sharpness"] = measure_sharpness(model, method, train_batches, task_loss,
+                                                              int(cfg.protocol.sharpness_batches), int(cfg.seed))
 
         # ------------------------------------------------------------ train
         checkpoint = run_dir / "checkpoint.pt"
@@ -199,8 +246,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             checkpoint.unlink(missing_ok=True)  # a forced rerun starts from scratch
         elif checkpoint.exists():
             log.info("resuming %s from %s", run_id, checkpoint)
-        result = train(model, method, loader, cfg.train, device, autocast_dtype, evaluate,
-                       progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log)
+        tcfg, reporter = cfg.train, None
+        if role == "trial":  # validation scores every prune_every steps feed the study's pruner
+            tcfg = OmegaConf.merge(cfg.train, {"eval_every": int(cfg.protocol.prune_every)})
+            reporter = TrialReporter(cfg.tune.storage, cfg.tune.study, cfg.tune.trial_id, task.main_metric,
+                                     task.higher_is_better.get(task.main_metric, True))
+        result = train(model, method, loader, tcfg, device, autocast_dtype, evaluate,
+                       progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log,
+                       on_eval=reporter)
         record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
 
         # ------------------------------------------------------------ post-train + evaluate
@@ -220,6 +273,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 metrics.update({f"{name}_base": before, name: probe[name], f"{name}_increase": probe[name] - before})
                 record["higher_is_better"].update({f"{name}_base": False, name: False, f"{name}_increase": False})
         log.info("%s: %s", run_id, metrics)
+        if reporter is not None:
+            record["tuning"].update(objective=objective(metrics, task.main_metric,
+                                                        task.higher_is_better.get(task.main_metric, True)),
+                                    intermediate=reporter.values)
 
         # ------------------------------------------------------------ artifacts + record
         adapter = method.adapter_state_dict(model)
@@ -258,6 +315,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         store.write(record)
         tracker.finish(record)  # the signal may end the process before `finally`
         signal.raise_signal(e.signum)  # pass it on: SLURM/submitit requeue, or the default termination
+    except Pruned as e:
+        partial = getattr(e, "train_result", None)
+        if partial is not None:
+            record.update(curve=partial.curve, eval_history=partial.eval_history)
+        record["tuning"].update(intermediate=reporter.values if reporter else {}, objective=None)
+        record.update(status="pruned", error={"type": "Pruned", "message": str(e), "step": e.step})
+        log.info("%s %s", run_id, e)
     except Diverged as e:
         record.update(status="diverged", error={"type": "Diverged", "message": str(e), "step": e.step,
                                                  "traceback": traceback.format_exc(limit=-8)})

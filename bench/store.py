@@ -50,6 +50,18 @@ class RunStore:
         with open(path) as f:
             return json.load(f)
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every readable record of the store (a file being replaced or a truncated one is left out)."""
+        out = []
+        for path in sorted(self.runs.glob(f"*/{RECORD}")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
     def write(self, record: dict[str, Any]) -> Path:
         path = self.run_dir(record["id"]) / RECORD
         atomic_write_json(path, record)

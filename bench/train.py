@@ -289,13 +289,15 @@ def train(
     desc: str = "train",
     checkpoint: Path | None = None,
     on_log: Callable[[int, dict[str, Any]], None] | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each.
 
     With `checkpoint` set, a checkpoint is written every cfg.checkpoint_every steps and when the process receives
     SIGTERM, SIGUSR1 or SIGUSR2 (then Preempted is raised); an existing checkpoint is resumed from. It is deleted when
     training ends. `on_log(step, row)` is called with every curve row and eval_history row as it is appended
-    (bench/trackers.py mirrors them to W&B or MLflow).
+    (bench/trackers.py mirrors them to W&B or MLflow). `on_eval(step, metrics)` sees every periodic evaluation and
+    may stop training by raising (a tuning trial's pruner raises bench.tuning.Pruned); the checkpoint is then removed.
     """
     every = int(getattr(cfg, "checkpoint_every", 0) or 0)
     if checkpoint is not None and checkpoint.exists():
@@ -321,6 +323,15 @@ def train(
                     on_log(step + 1, result.eval_history[-1])
                 bar.write(f"step {step + 1}: {result.eval_history[-1]['metrics']}")
                 model.train()
+                if on_eval is not None:
+                    try:
+                        on_eval(step + 1, result.eval_history[-1]["metrics"])
+                    except BaseException as e:
+                        e.train_result = result  # type: ignore[attr-defined]  # the curve so far, for the record
+                        bar.close()
+                        if checkpoint is not None:
+                            checkpoint.unlink(missing_ok=True)
+                        raise
             if checkpoint is not None and step + 1 < cfg.max_steps:
                 if signals.received is not None:
                     save_checkpoint(checkpoint, trainer, result)

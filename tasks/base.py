@@ -44,6 +44,10 @@ class Task:
         eval_note: a sentence every record and report carries when the eval split is not the official one.
         run_dir: the run's folder, set by the runner before training: where evaluate() may save artifacts
             (generated images, samples) beside the record. None outside a run.
+        holdout: the validation split carved from the train split under a tuning protocol (set by the runner from
+            conf/protocol); None for a plain run. Tuning trials score on it; every run under the protocol trains on
+            the train split without it, so no trial ever sees the reported split and no run trains on the rows
+            that chose its hyper-parameters.
     """
 
     name: str
@@ -54,9 +58,23 @@ class Task:
     eval_split: str = "dev"
     eval_note: str = ""
     run_dir: Path | None = None
+    holdout: Holdout | None = None
 
-    def examples(self, split: Literal["train", "eval"]) -> Sequence[Any]:
+    def examples(self, split: Literal["train", "eval", "validation"], seed: int = 0) -> Sequence[Any]:
+        """Rows of a split: "train" (a seeded subset of at most max_train_samples rows, without the holdout),
+        "eval" (the reported split) or "validation" (the holdout; only under a tuning protocol)."""
         raise NotImplementedError
+
+    def train_split(self, rows: Sequence[Any], split: str, limit: int | None, seed: int) -> list[Any]:
+        """The "train" or "validation" rows of a task whose whole train split is `rows`: the holdout is carved
+        first (its own fixed seed, independent of the run's), then the train subset is drawn from the rest."""
+        if self.holdout is None:
+            if split == "validation":
+                raise ValueError(f"task {getattr(self, 'name', '?')}: the validation split exists only under a tuning "
+                                 "protocol (protocol=cheap or protocol=paper)")
+            return subset(rows, limit, seed)
+        kept, held = self.holdout.carve(rows)
+        return held if split == "validation" else subset(kept, limit, seed)
 
     def length(self, row: Any) -> int:
         """A cheap length proxy of a row (characters), for length-grouped batching."""
@@ -81,6 +99,35 @@ class Task:
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
                  autocast_dtype: torch.dtype | None) -> dict[str, float]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A validation split carved from a train split: `size` rows (at most `max_fraction` of them), chosen by a
+    permutation seeded with `seed` alone, so every method, seed and trial of a protocol sees the same rows."""
+
+    size: int
+    seed: int
+    max_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if int(self.size) < 1 or not 0 < float(self.max_fraction) < 1:
+            raise ValueError(f"protocol.validation: size must be >= 1 and max_fraction in (0, 1); "
+                             f"got size={self.size}, max_fraction={self.max_fraction}")
+
+    def indices(self, n: int) -> list[int]:
+        """Sorted indices of the held-out rows among `n` train rows."""
+        k = min(int(self.size), int(n * float(self.max_fraction)))
+        if k < 1:
+            raise ValueError(f"a train split of {n} rows is too small to hold out a validation split "
+                             f"(max_fraction={self.max_fraction})")
+        g = torch.Generator().manual_seed(int(self.seed))
+        return torch.randperm(n, generator=g)[:k].sort().values.tolist()
+
+    def carve(self, rows: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        """(rows kept for training, held-out rows), each in the original order."""
+        held = set(self.indices(len(rows)))
+        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
 def subset(rows: Sequence[Any], limit: int | None, seed: int) -> list[Any]:

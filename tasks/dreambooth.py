@@ -272,6 +272,9 @@ class DreamBoothTask(Task):
 
     def examples(self, split: Literal["train", "eval"], seed: int = 0) -> Sequence[dict[str, Any]]:
         if split == "train":
+            if self.holdout is not None:
+                raise ValueError("task=dreambooth has no validation split to tune on (4-6 photos per subject, scored "
+                                 "by generation): run it without a tuning protocol (protocol=none)")
             photos = [str(p) for p in self.subject.images]
             if not self.prior_preservation:
                 rows = [{"image": p, "prompt": self.instance_prompt} for p in photos]
@@ -287,6 +290,9 @@ class DreamBoothTask(Task):
             rows = [{"prompt": prompt, "prompt_index": i, "image_index": j, "seed": self.eval_seed + j}
                     for i, prompt in enumerate(self.prompts) for j in range(self.images_per_prompt)]
             return subset(rows, self.max_eval_samples, self.eval_subset_seed)
+        if split == "validation":
+            raise ValueError("task=dreambooth has no validation split to tune on (4-6 photos per subject, scored by "
+                             "generation): run it without a tuning protocol (protocol=none)")
         raise ValueError(f"unknown split {split!r}")
 
     def length(self, row: dict[str, Any]) -> int:

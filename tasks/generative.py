@@ -41,7 +41,7 @@ from torch import nn
 from tasks.base import Batch, HeadSpec, Task, load_hub_dataset, subset
 
 PromptFormat = Literal["auto", "chat", "llm_adapters"]
-Split = Literal["train", "eval"]
+Split = Literal["train", "eval", "validation"]
 EvalMode = Literal["generate", "loglik"]
 
 # finetune.py generate_prompt(data_point) with data_point["input"] == "", output appended after it
@@ -406,8 +406,8 @@ class GenerativeTask(Task):
 
     # -------------------------------------------------------------- the Task contract
     def examples(self, split: Split, seed: int = 0) -> list[Example]:
-        if split == "train":
-            return subset(self._load("train"), self.max_train_samples, seed)
+        if split in ("train", "validation"):
+            return self.train_split(self._load("train"), split, self.max_train_samples, seed)
         return self._eval_rows()
 
     def length(self, row: Example) -> int:

@@ -61,10 +61,11 @@ class GlueTask(Task):
         self.eval_split = "dev" if official else "heldout_from_train"
         self.eval_note = "" if source == "hub" else self.spec.eval_note
 
-    def examples(self, split: Literal["train", "eval"], seed: int = 0) -> list[Example]:
-        rows = load_offline(self.spec.name, split) if self.source == "offline" else load_hub(self.spec.name, split, self.hub_id)
-        if split == "train":
-            return subset(rows, self.max_train_samples, seed)
+    def examples(self, split: Literal["train", "eval", "validation"], seed: int = 0) -> list[Example]:
+        source = "train" if split == "validation" else split
+        rows = load_offline(self.spec.name, source) if self.source == "offline" else load_hub(self.spec.name, source, self.hub_id)
+        if source == "train":
+            return self.train_split(rows, split, self.max_train_samples, seed)
         return subset(rows, self.max_eval_samples, self.eval_subset_seed)
 
     def length(self, row: Example) -> int:

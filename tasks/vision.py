@@ -147,13 +147,14 @@ class ImageClassificationTask(Task):
         self._hub: dict[str, Any] = {}  # split -> datasets.Dataset, loaded on first use
 
     # ---------------------------------------------------------------------------------- data
-    def examples(self, split: Literal["train", "eval"], seed: int = 0) -> list[ImageRow]:
-        rows = self._offline_rows(split) if self.source == "offline" else self._hub_rows(split)
+    def examples(self, split: Literal["train", "eval", "validation"], seed: int = 0) -> list[ImageRow]:
+        source = "train" if split == "validation" else split
+        rows = self._offline_rows(source) if self.source == "offline" else self._hub_rows(source)
         bad = sorted({r.label for r in rows if not 0 <= r.label < self.head.num_labels})
         if bad:
             raise ValueError(f"task {self.name}: labels {bad[:5]} fall outside task.num_labels={self.head.num_labels}")
-        if split == "train":
-            return subset(rows, self.max_train_samples, seed)
+        if source == "train":
+            return self.train_split(rows, split, self.max_train_samples, seed)
         return subset(rows, self.max_eval_samples, self.eval_subset_seed)
 
     def _offline_rows(self, split: Literal["train", "eval"]) -> list[ImageRow]:

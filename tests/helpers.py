@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
 from bench.models import load_model
+from bench.run import build
 from bench.train import train
 from methods.base import Method, WrapContext
 
@@ -74,7 +75,7 @@ def tiny(method_name: str, task: str = "glue/sst2", extra: list[str] | None = No
     return SimpleNamespace(
         cfg=cfg, task=task_obj, base=loaded.model, tokenizer=loaded.tokenizer, loader=loader,
         batch=collate(rows[:8]), calibration=[collate(rows[8 * i:8 * i + 8]) for i in range(1, 4)], ctx=WrapContext(head_modules=loaded.head_modules, seed=0),
-        method=lambda: instantiate(cfg.method, _convert_="all"),
+        method=lambda: build(cfg.method, "method", method_name),
     )
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from bench.diffusion import DreamBoothModel, find_dreambooth, load_diffusion_model
 from bench.models import ModelUnavailableError, load_model
+from bench.run import build
 from methods.base import WrapContext
 from tasks.dreambooth import DreamBoothTask, load_prompt_templates, load_subjects
 from tasks.dreambooth_metrics import ImageScorer
@@ -89,7 +90,7 @@ def test_eval_rows_are_prompts_times_fixed_seeds(cfg):
                          ids=["unet", "unet+text_encoder"])
 def test_lora_trains_only_the_adapter(cfg, base, targets):
     task = _task(cfg)
-    method = instantiate(OmegaConf.merge(cfg.method, {"target_modules": targets}), _convert_="all")
+    method = build(OmegaConf.merge(cfg.method, {"target_modules": targets}), "method", "lora")
     model = method.prepare(copy.deepcopy(base), WrapContext(seed=0))
     rows = task.examples("train")
     loader = DataLoader(rows, batch_size=4, shuffle=True, collate_fn=task.collate_fn(base.tokenizer),
@@ -149,7 +150,7 @@ def test_generation_is_seeded_and_uses_the_adapter(cfg, base):
     assert a[0].shape == (32, 32, 3)
     assert np.array_equal(a[0], a[1]) and not np.array_equal(a[0], a[2])  # same seed, same image; not otherwise
     assert all(np.array_equal(x, y) for x, y in zip(gen(model, [0, 0, 1]), a))  # and again in a later call
-    method = instantiate(cfg.method, _convert_="all")
+    method = build(cfg.method, "method", "lora")
     wrapped = find_dreambooth(method.prepare(model, WrapContext(seed=0)))
     assert all(np.array_equal(x, y) for x, y in zip(gen(wrapped, [0, 0, 1]), a))  # LoRA starts at the base (B = 0)
     with torch.no_grad():

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bench.models import ModelUnavailableError, load_model
+from bench.run import build
 from bench.vision_models import ImageSpec, load_image_model, plain_pointwise_convs
 from methods.base import WrapContext
 from tasks.base import HeadSpec
@@ -203,7 +204,7 @@ def test_a_method_that_cannot_wrap_conv_names_the_type(efficientnet, method, ove
     node = OmegaConf.merge(OmegaConf.load(CONF / "method" / f"{method}.yaml"), override,
                            {"target_modules": list(efficientnet_cfg().target_modules)})
     with pytest.raises(TypeError, match=r"layer 'backbone\._blocks\.\d+\._\w+_conv' of type Conv2d"):
-        instantiate(node, _convert_="all").prepare(copy.deepcopy(efficientnet.model),
+        build(node, "method", method).prepare(copy.deepcopy(efficientnet.model),
                                                    WrapContext(head_modules=["classifier"]))
 
 

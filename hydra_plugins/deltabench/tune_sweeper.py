@@ -1,0 +1,225 @@
+"""`hydra/sweeper=tune`: every cell of a grid gets the same tuning effort, then only its best is reported.
+
+    python -m bench +experiment=zoo_tuned -m
+    python -m bench hydra/sweeper=tune protocol=cheap -m method=lora,dora task=glue/sst2,glue/rte
+
+The grid is parsed as hydra/sweeper=basic parses it (its `params` and the command line); each of its cells becomes
+an Optuna study (bench/tuning.py) under the composed `protocol`:
+
+1. trials: rounds of one trial per unfinished study (so a SLURM launcher runs the studies side by side), each a run
+   with `tune.role=trial`, the sampled values as method overrides, protocol.trial_seed, scored on the protocol's
+   validation split and pruned by its pruner; the first trial of a study also measures sharpness at init;
+2. finals: the best completed trial of each study rerun with every seed of protocol.seeds (`tune.role=final`),
+   each record carrying the study's summary (bench.run.tuning_block).
+
+Why not hydra-optuna-sweeper: its last release pins optuna<3 (which needs SQLAlchemy<2, against this project's
+MLflow pin), it has no pruning (a job only returns its final value) and no seeded reruns of the best trial.
+
+The studies are rebuilt from the trial records at the start (bench.tuning.rebuild_study), in an SQLite file of this
+sweep (`<sweep dir>/tuning.db`) that the trials report into; records stay the source of truth, so a killed sweep
+rerun with the same command continues each study where it stopped, and a grown protocol.trials extends it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from hydra.errors import HydraException
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:  # Hydra imports every plugin module at start-up: Optuna only loads when a sweep runs
+    import optuna
+
+    from bench.tuning import Study
+
+log = logging.getLogger(__name__)
+GROUPS = ("method", "task", "model")
+
+
+class TuneSweeper(Sweeper):
+    """Optuna studies per grid cell, equal trials for every method, the best rerun with the protocol's seeds."""
+
+    def __init__(self, params: dict[str, str] | None = None, max_batch_size: int | None = None) -> None:
+        self.params = dict(params or {})
+        self.max_batch_size = max_batch_size
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.launcher: Launcher | None = None
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    # ------------------------------------------------------------------ the grid
+    def cells(self, arguments: list[str]) -> list[list[str]]:
+        """The grid's cells as override lists (the cartesian product of every swept key)."""
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        assert self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
+        for o in overrides:
+            if o.get_key_element().lstrip("+~") == "seed":
+                raise HydraException("hydra/sweeper=tune takes its seeds from the protocol (protocol.trial_seed for "
+                                     "trials, protocol.seeds for the reported runs): drop seed= from the command")
+        return [list(c) for c in BasicSweeper.split_arguments(overrides, None)[0]]
+
+    def make_study(self, overrides: list[str], storage: str) -> Study:
+        from bench.store import RunStore
+        from bench.tuning import (
+            Study, TuningError, check_protocol, make_pruner, rebuild_study, search_space, study_name)
+
+        assert self.hydra_context is not None and self.config is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        choices = cfg.hydra.runtime.choices
+        names = {g: str(choices[g]) for g in GROUPS}
+        protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
+        if protocol["name"] == "none":
+            raise HydraException("hydra/sweeper=tune needs a tuning protocol: add protocol=cheap (or protocol=paper), "
+                                 "or use an experiment that selects one (+experiment=zoo_tuned)")
+        try:
+            space = search_space(OmegaConf.to_container(cfg.method, resolve=True), protocol.get("tune_keys"),
+                                 names["method"])
+            check_protocol(protocol, space, names["method"])
+        except TuningError as e:
+            raise HydraException(str(e)) from e
+        from bench.run import NON_SEMANTIC_KEYS, NON_SEMANTIC_NESTED_KEYS
+
+        ignored = {*GROUPS, *NON_SEMANTIC_KEYS, *(".".join(k) for k in NON_SEMANTIC_NESTED_KEYS)}
+        fixed = [o for o in overrides  # the overrides that change results name the study (progress=false does not)
+                 if not any(o.split("=", 1)[0].lstrip("+~") == k or o.startswith(f"{k}.") for k in ignored)]
+        name = study_name(names, fixed, protocol, space)
+        store = RunStore(Path(cfg.results_dir))
+        trials = [r for r in store.records() if (r.get("tuning") or {}).get("study") == name
+                  and (r.get("tuning") or {}).get("role") == "trial"]
+        pruner = make_pruner(protocol, int(cfg.train.max_steps))
+        study = rebuild_study(storage, name, trials, space, pruner)
+        sharp = next(((r["tuning"]["sharpness"]) for r in trials if (r.get("tuning") or {}).get("sharpness")), None)
+        budget = {"max_steps": int(cfg.train.max_steps), "batch_size": int(cfg.train.batch_size),
+                  "grad_accum": int(cfg.train.grad_accum)}
+        return Study(name, overrides, names, protocol, space, store, budget, study, storage, sharpness=sharp)
+
+    # ------------------------------------------------------------------ the sweep
+    def sweep(self, arguments: list[str]) -> Any:
+        from bench.tuning import finished
+
+        assert self.config is not None and self.launcher is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        storage = f"sqlite:///{(sweep_dir / 'tuning.db').resolve()}"
+        every = [self.make_study(cell, storage) for cell in self.cells(arguments)]  # all checked before any training
+        for s in every:
+            log.info("study %s: %d of %d trials finished", s.name, len(finished(s.study)), s.protocol["trials"])
+        size = self.max_batch_size or len(every)
+        returns: list[Sequence[JobReturn]] = []
+        for start in range(0, len(every), size):
+            returns += self.sweep_studies(every[start:start + size], sweep_dir)
+        return returns
+
+    def sweep_studies(self, studies: list[Study], sweep_dir: Path) -> list[Sequence[JobReturn]]:
+        """Trials of `studies` side by side (one per study per round), then their reported reruns."""
+        from bench.store import atomic_write_json
+        from bench.tuning import best_trial, finished, make_sampler, next_params, override_value
+
+        returns: list[Sequence[JobReturn]] = []
+        while pending := [s for s in studies if s.needs_trials]:
+            batch, asked = [], []
+            for s in pending:
+                # the sampler is reseeded from the history: a rebuilt study asks what the interrupted one would have
+                s.study.sampler = make_sampler(s.protocol, s.space, len(s.study.get_trials(deepcopy=False)))
+                point = next_params(s.protocol, s.space, s.study)
+                if point is not None:
+                    s.study.enqueue_trial(point)
+                trial = s.study.ask(fixed_distributions=s.space)
+                asked.append((s, trial))
+                batch.append(self.trial_overrides(s, trial))
+            results = self.launch(batch)
+            for (s, trial), ret in zip(asked, results):
+                self.tell(s, trial, ret)
+            returns.append(results)
+
+        finals, owners = [], []
+        for s in studies:
+            best = best_trial(s.study)
+            if best is None:
+                log.error("study %s: no trial completed (all pruned, diverged or failed): nothing to report", s.name)
+                continue
+            effort = self.effort(s, best)
+            path = sweep_dir / "studies" / f"{s.name}.json"
+            atomic_write_json(path, effort)
+            chosen = [f"method.{k}={override_value(v)}" for k, v in best.params.items()]
+            for seed in s.protocol["seeds"]:
+                finals.append([*s.overrides, *chosen, "tune.role=final", f"tune.study={s.name}",
+                               f"tune.effort_file={path.resolve()}", f"seed={seed}"])
+                owners.append(s)
+        if finals:
+            returns.append(self.launch(finals))
+        return returns
+
+    def trial_overrides(self, s: Study, trial: optuna.Trial) -> list[str]:
+        from bench.tuning import override_value
+
+        first = len(s.study.get_trials(deepcopy=False)) == 1 and s.sharpness is None
+        return [*s.overrides, *(f"method.{k}={override_value(v)}" for k, v in trial.params.items()),
+                "tune.role=trial", f"tune.study={s.name}", f"tune.storage={s.storage}",
+                f"tune.trial_id={trial._trial_id}",  # noqa: SLF001  (Optuna's Trial(study, trial_id) needs the id)
+                f"tune.sharpness={'true' if first else 'false'}", f"seed={s.protocol['trial_seed']}"]
+
+    def launch(self, batch: list[list[str]]) -> Sequence[JobReturn]:
+        assert self.launcher is not None
+        results = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+        self.job_idx += len(batch)
+        return results
+
+    def tell(self, s: Study, trial: optuna.Trial, ret: JobReturn) -> None:
+        """Give the study the trial's outcome, read from its record (the launcher's return only names it)."""
+        import optuna
+
+        record = None
+        try:
+            value = ret.return_value
+            run_id = value.get("id") if isinstance(value, dict) else None
+            record = s.store.read(run_id) if run_id else None
+        except Exception as e:  # a job that raised in-process (hydra/launcher=basic): a failed trial
+            log.error("trial %d of %s failed: %s", trial.number, s.name, e)
+        status = (record or {}).get("status")
+        tuning = (record or {}).get("tuning") or {}
+        if record is not None:
+            trial.set_user_attr("run_id", record["id"])
+        if status == "completed" and tuning.get("objective") is not None:
+            s.study.tell(trial, float(tuning["objective"]))
+        elif status == "pruned":
+            s.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            s.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if record is not None and tuning.get("sharpness") and s.sharpness is None:
+            s.sharpness = tuning["sharpness"]
+        log.info("study %s trial %d %s: %s", s.name, trial.number, trial.params, status)
+
+    def effort(self, s: Study, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        """The study's summary that each reported run records."""
+        from bench.tuning import finished
+
+        states = [t.state.name.lower() for t in finished(s.study)]
+        return {
+            "trials": {"total": len(states), **{k: states.count(k) for k in ("complete", "pruned", "fail")}},
+            "sampler": s.protocol["sampler"], "pruner": s.protocol["pruner"],
+            "tuned_keys": sorted(s.space), "chosen": dict(best.params),
+            "val_objective": best.value, "best_trial_run": best.user_attrs.get("run_id"),
+            "trial_values": [{"params": t.params, "state": t.state.name.lower(), "objective": t.value}
+                             for t in finished(s.study)],
+            "sharpness": s.sharpness,
+        }
