@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.stats import Comparison, cd_diagram, friedman, holm, welch
 from analysis.records import (
     METRIC_PREFIX,
     STATUSES,
@@ -60,7 +61,9 @@ CI_LEVEL = 0.95
 LOWER_IS_BETTER_HINTS = ("loss", "error", "perplexity", "mse", "mae", "rmse")
 
 MISSING = "—"
-REFERENCE_METHOD = "lora"  # step times are also shown as a ratio to this method's
+REFERENCE_METHOD = "lora"  # step times are also shown as a ratio to this method's; scores are tested against it
+BASELINE_METHOD = "full"  # scores are also tested against full fine-tuning
+ALPHA = 0.05  # the level of every significance mark (Welch's t over seeds, Holm-adjusted within a task)
 KEYS = ["method", "model", "task"]
 CSV_NAME, MD_NAME, HTML_NAME = "leaderboard.csv", "leaderboard.md", "leaderboard.html"
 
@@ -238,6 +241,9 @@ class Leaderboard:
     task_headings: dict[str, str] = field(default_factory=dict)
     suites: pd.DataFrame = field(default_factory=pd.DataFrame)
     mean_ranks: pd.DataFrame = field(default_factory=pd.DataFrame)
+    warnings: list[str] = field(default_factory=list)  # comparisons that mix protocols or budgets
+    friedman: dict[str, object] = field(default_factory=dict)  # model -> FriedmanResult over its common tasks
+    trial_records: int = 0  # tuning trials read and left out of every table
 
     # -- text pieces shared by Markdown and HTML
 
@@ -248,8 +254,10 @@ class Leaderboard:
         if self.skipped_files:
             s = "s" if self.skipped_files != 1 else ""
             skipped = f" ({self.skipped_files} unreadable file{s} skipped)"
-        counts = ", ".join(f"{n} {status}" for status, n in self.status_counts.items())
-        return f"Read {self.records_read} records{where}{skipped}; {self.cells} run cells: {counts}."
+        counts = ", ".join(f"{n} {status}" for status, n in self.status_counts.items() if n)
+        trials = (f" {self.trial_records} tuning trials (scored on validation holdouts) chose the reported "
+                  "hyper-parameters and are not shown;" if self.trial_records else "")
+        return f"Read {self.records_read} records{where}{skipped};{trials} {self.cells} reported run cells: {counts}."
 
     def problem_lines(self) -> list[str]:
         """One line per failed or diverged run cell."""
@@ -271,7 +279,15 @@ class Leaderboard:
             f"mean ± sample std over seeds{seeds}. {MISSING} means no completed run. ↓ marks lower-is-better metrics. "
             f"The per-task tables add the {level} confidence interval of the mean (Student t with n−1 degrees "
             "of freedom; blank for a single seed). Suite averages (e.g. GLUE avg) are the mean over the suite's "
-            "tasks of each task's mean, shown only when every task of the suite has a completed run."
+            "tasks of each task's mean, shown only when every task of the suite has a completed run. "
+            f"Rows are sorted best first (by mean rank over the common tasks, or by the one task's score). "
+            f"**Bold**: the task's best row; ≈: not significantly different from it (Welch's t-test over seeds, "
+            f"two-sided, Holm-adjusted over the rows of the task, level {ALPHA}): a gap inside the seed noise. The "
+            f"per-task tables give each row's difference from {REFERENCE_METHOD} and from {BASELINE_METHOD} with its "
+            f"{level} Welch interval and Holm-adjusted p (n.s.: p ≥ {ALPHA}), and the tuning effort behind it: "
+            "protocol, trials, budget (steps × batch), the chosen values and the validation score that chose them, "
+            "and the largest Hessian eigenvalue of the loss in the trainable parameters at init (power iteration; "
+            "bench/sharpness.py)."
         )
 
     # -- renderers
@@ -279,6 +295,7 @@ class Leaderboard:
     def to_markdown(self, details: bool = True) -> str:
         """The leaderboard as Markdown; ``details`` adds the per-task tables."""
         out = ["# Leaderboard", "", self.status_line(), ""]
+        out += [f"> **WARNING**: {_md_escape(w)}" for w in self.warnings] + ([""] if self.warnings else [])
         problems = self.problem_lines()
         if problems:
             out += ["Failed or diverged:", ""] + [f"- {_md_escape(line)}" for line in problems] + [""]
@@ -297,6 +314,7 @@ class Leaderboard:
         """A static, self-contained HTML page with the same tables."""
         esc = html.escape
         body = ["<h1>Leaderboard</h1>", f"<p>{esc(self.status_line())}</p>"]
+        body += [f'<p class="warning"><strong>WARNING</strong>: {esc(w)}</p>' for w in self.warnings]
         problems = self.problem_lines()
         if problems:
             items = "".join(f"<li>{esc(line)}</li>" for line in problems)
@@ -326,7 +344,20 @@ class Leaderboard:
         for name, text in contents.items():
             paths.append(out_dir / name)
             _write_atomic(out_dir / name, text)
+        for model, result in self.friedman.items():
+            if result.reason is None:  # >= 3 methods on >= 2 common tasks
+                paths += cd_diagram(self.rank_table(model), out_dir / f"leaderboard_cd_{model}",
+                                    title=f"{model}: mean rank over {result.n_blocks} tasks (Nemenyi, α = {ALPHA})")
         return paths
+
+    def rank_table(self, model: str) -> pd.DataFrame:
+        """The tasks × methods table the Friedman test of `model` ranked (higher is better)."""
+        rows = self.summary[(self.summary["model"] == model) & self.summary["score_mean"].notna()]
+        table = rows.pivot_table(index="task", columns="method", values="score_mean", aggfunc="first")
+        for task in table.index:
+            if rows.loc[rows["task"] == task, "higher_is_better"].eq(False).any():
+                table.loc[task] = -table.loc[task]
+        return table.dropna(axis=0, how="any")
 
 
 _HTML_PAGE = """<!DOCTYPE html>
@@ -341,6 +372,7 @@ th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }}
 th {{ background: #f2f2f2; }}
 tbody tr:nth-child(even) {{ background: #fafafa; }}
 .legend {{ color: #555; font-size: 0.9rem; }}
+.warning {{ color: #a00; font-weight: 600; }}
 </style>
 </head>
 <body>
@@ -401,6 +433,13 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         suite=("suite", _mode),
         main_metric=("main_metric", _mode),
         eval_split=("eval_split", _mode),
+        protocol=("protocol", _mode),
+        budget=("budget", _mode),
+        trials=("trials", "median"),
+        chosen=("chosen", _mode),
+        chosen_at_edge=("chosen_at_edge", _mode),
+        val_objective=("val_objective", "median"),
+        sharpness=("sharpness", "median"),
     )
     counts = (
         df.groupby(KEYS)["status"].value_counts().unstack(fill_value=0).reindex(columns=list(STATUSES), fill_value=0)
@@ -461,6 +500,7 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         + list(metric_stats.columns)
         + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median", "step_s_vs_lora"]
         + ["peak_mem_bytes_median", "peak_mem_kind", "optimizer_state_bytes_median"]
+        + ["protocol", "budget", "trials", "chosen", "chosen_at_edge", "val_objective", "sharpness"]
     ]
     return _sort_rows(summary, ["model", "method", "task"])
 
@@ -496,6 +536,61 @@ class _Builder:
         rank = rank_methods(self.summary, self.higher)
         self.summary.insert(self.summary.columns.get_loc("score_ci95_high") + 1, "rank", rank)
         self.ranks = mean_ranks(self.summary)
+        self.add_significance()
+        self.summary["higher_is_better"] = [self.higher(m or "") for m in self.summary["main_metric"]]
+        self.warnings = self.mixing_warnings()
+
+    # -- statistics
+
+    def seed_scores(self, method: str, model: str, task: str) -> list[float]:
+        runs = self.done[(self.done["method"] == method) & (self.done["model"] == model) & (self.done["task"] == task)]
+        return [float(v) for v in runs["score"].dropna()]
+
+    def add_significance(self) -> None:
+        """Welch's t over seeds of every row against the reference method (lora), full fine-tuning and the task's
+        best row, Holm-adjusted over the rows of each model × task (one family per comparison)."""
+        columns = {f"{name}_{part}": math.nan for name in ("vs_lora", "vs_full", "vs_best")
+                   for part in ("diff", "ci_low", "ci_high", "p")}
+        for column, value in columns.items():
+            self.summary[column] = value
+        self.summary["is_best"] = False
+        for (model, task), group in self.summary[self.summary["score_mean"].notna()].groupby(["model", "task"]):
+            higher = self.higher(_mode(group["main_metric"]) or "")
+            best = group.loc[group["score_mean"].idxmax() if higher else group["score_mean"].idxmin(), "method"]
+            top = group["score_mean"].max() if higher else group["score_mean"].min()
+            self.summary.loc[group.index, "is_best"] = group["score_mean"].round(12) == round(float(top), 12)
+            for name, other in (("vs_lora", REFERENCE_METHOD), ("vs_full", BASELINE_METHOD), ("vs_best", best)):
+                if other not in set(group["method"]):
+                    continue
+                theirs = self.seed_scores(other, model, task)
+                results: dict[int, Comparison] = {}
+                for index, row in group.iterrows():
+                    if row["method"] != other:
+                        results[index] = welch(self.seed_scores(row["method"], model, task), theirs)
+                adjusted = holm([c.p for c in results.values()])
+                for (index, c), p in zip(results.items(), adjusted):
+                    self.summary.loc[index, [f"{name}_diff", f"{name}_ci_low", f"{name}_ci_high", f"{name}_p"]] = (
+                        c.diff, c.ci_low, c.ci_high, p)
+
+    def within_noise_of_best(self, row: pd.Series) -> bool:
+        """Not significantly different from the task's best row (the best row itself excluded)."""
+        return not row["is_best"] and not pd.isna(row["vs_best_p"]) and row["vs_best_p"] >= ALPHA
+
+    def mixing_warnings(self) -> list[str]:
+        """One line per model × task whose rows were not obtained under one protocol and one budget: such a table
+        compares tuning effort as much as methods."""
+        lines = []
+        for (model, task), group in self.summary.groupby(["model", "task"]):
+            protocols = sorted({str(p) for p in group["protocol"].dropna()})
+            budgets = sorted({str(b) for b in group["budget"].dropna()})
+            if len(protocols) > 1:
+                tuned = ", ".join(f"{p}: {', '.join(sorted(group.loc[group['protocol'] == p, 'method']))}"
+                                  for p in protocols)
+                lines.append(f"{model} / {task} MIXES TUNING PROTOCOLS ({tuned}); untuned rows ran at their "
+                             "YAML defaults and are not comparable with tuned ones.")
+            if len(budgets) > 1:
+                lines.append(f"{model} / {task} MIXES BUDGETS (steps × batch: {', '.join(budgets)}).")
+        return lines
 
     # -- per-metric conventions
 
@@ -517,6 +612,22 @@ class _Builder:
         if self.scaled(metric):
             return f"[{low * 100:.1f}, {high * 100:.1f}]"
         return f"[{low:.4g}, {high:.4g}]"
+
+    def value_text(self, value: float, metric: str) -> str:
+        return f"{value * 100:.1f}" if self.scaled(metric) else f"{value:.4g}"
+
+    def diff_cell(self, diff: float, low: float, high: float, p: float, metric: str) -> str:
+        """``+1.2 [0.3, 2.1] p=0.01`` (×100 when the metric is), ``n.s.`` when p (Holm) ≥ ALPHA; blank for the
+        reference row itself or a single seed."""
+        if pd.isna(diff):
+            return ""
+        factor = 100.0 if self.scaled(metric) else 1.0
+        text = f"{diff * factor:+.1f}" if factor == 100.0 else f"{diff:+.3g}"
+        if not pd.isna(low):
+            text += f" [{low * factor:.1f}, {high * factor:.1f}]" if factor == 100.0 else f" [{low:.3g}, {high:.3g}]"
+        if pd.isna(p):
+            return text
+        return text + (f" p={p:.2g}" if p < ALPHA else f" n.s. (p={p:.2g})")
 
     def cell(self, mean: float, std: float, n: int, metric: str, expected_n: int | None = None) -> str:
         """``mean ± std`` (×100 when scaled), with ``(n=k)`` when ``n`` differs from ``expected_n``."""
@@ -562,7 +673,7 @@ class _Builder:
         ranked = summary.loc[summary["score_mean"].notna(), "method"].nunique() > 1  # else nothing to compare
         rank_header = self.rank_header(model, ranks) if ranked else None
         rows = []
-        for method in method_order(summary["method"]):
+        for method in self.ranked_methods(summary, ranks):
             mine = summary[summary["method"] == method].set_index("task")
             row = {"method": method}
             for task in tasks:
@@ -572,14 +683,45 @@ class _Builder:
                     continue
                 r = mine.loc[task]
                 row[header] = self.cell(r["score_mean"], r["score_std"], r["n_seeds"], r["main_metric"] or "")
+                if r["is_best"]:
+                    row[header] = f"**{row[header]}**"
+                elif self.within_noise_of_best(r):
+                    row[header] += " ≈"
             for suite in suites:
                 row[f"{suite_label(suite)} avg"] = self.suite_cell(suite, method, model)
             if rank_header is not None:
                 value = ranks.at[method, "mean_rank"] if method in ranks.index else math.nan
                 row[rank_header] = MISSING if pd.isna(value) else f"{value:.2f}"
+            row["tuning"] = self.tuning_cell(mine)
             row.update(self.params_and_cost(method, model))
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def ranked_methods(self, summary: pd.DataFrame, ranks: pd.DataFrame) -> list[str]:
+        """Methods best first: by mean rank over the tasks every method has (one task: by its score), then those
+        without a rank by name."""
+        by_rank = {}
+        for method in summary["method"].unique():
+            if method in ranks.index and not pd.isna(ranks.at[method, "mean_rank"]):
+                by_rank[method] = float(ranks.at[method, "mean_rank"])
+            else:
+                mine = summary.loc[summary["method"] == method, "rank"].dropna()
+                by_rank[method] = math.inf if mine.empty else 1e6 + float(mine.mean())
+        return sorted(by_rank, key=lambda m: (by_rank[m], method_order(summary["method"]).index(m)))
+
+    @staticmethod
+    def tuning_cell(mine: pd.DataFrame) -> str:
+        """``cheap · 4 trials · 100×32`` for tuned rows, ``untuned · 400×32`` otherwise."""
+        protocols = sorted({str(p) for p in mine["protocol"].dropna()}) or ["none"]
+        budgets = sorted({str(b) for b in mine["budget"].dropna()})
+        parts = []
+        for protocol in protocols:
+            if protocol == "none":
+                parts.append("untuned")
+                continue
+            trials = mine.loc[mine["protocol"] == protocol, "trials"].dropna()
+            parts.append(f"{protocol} · {int(trials.max())} trials" if len(trials) else protocol)
+        return " + ".join(parts) + (f" · {', '.join(budgets)}" if budgets else "")
 
     def task_header(self, task: str) -> str:
         metric = _mode(self.df.loc[self.df["task"] == task, "main_metric"])
@@ -588,6 +730,22 @@ class _Builder:
             raw = "" if self.scaled(metric) else ", raw"
             label = f"{task} ({self.metric_header(metric)}{raw})"
         return f"{label} {self.task_marks[task]}" if task in self.task_marks else label
+
+    def rank_scores(self, model: str) -> pd.DataFrame:
+        """Tasks × methods of one model: the mean score (negated for lower-is-better metrics, so higher is better
+        everywhere), over the tasks where every method of the model has one."""
+        summary = self.summary[(self.summary["model"] == model) & self.summary["score_mean"].notna()]
+        table = summary.pivot_table(index="task", columns="method", values="score_mean", aggfunc="first")
+        for task in table.index:
+            metric = _mode(summary.loc[summary["task"] == task, "main_metric"]) or ""
+            if not self.higher(metric):
+                table.loc[task] = -table.loc[task]
+        return table.dropna(axis=0, how="any")
+
+    def friedman_results(self) -> dict[str, object]:
+        """The Friedman test of each model's methods over its common tasks (analysis.stats.friedman)."""
+        return {model: friedman(self.rank_scores(model)) for model in sorted(self.summary["model"].unique())
+                if self.rank_scores(model).shape[1] > 1}
 
     def rank_header(self, model: str, ranks: pd.DataFrame) -> str:
         """``mean rank [n]``, with a footnote saying which tasks were ranked and how."""
@@ -606,6 +764,13 @@ class _Builder:
                 f"{model}: mean rank over the {n_tasks} task{s} where all {compared} methods with results have one "
                 f"({names}); {how}. Lower is better."
             )
+            result = friedman(self.rank_scores(model))
+            if result.reason is None:
+                note += (f" Friedman test over the {result.n_blocks} tasks: χ² = {result.statistic:.3g}, "
+                         f"p = {result.p:.2g} ({'the mean ranks differ' if result.p < ALPHA else 'no evidence that the mean ranks differ'} "
+                         f"at level {ALPHA}); the critical-difference diagram (Nemenyi) is leaderboard_cd_{model}.png.")
+            else:
+                note += f" No Friedman test: {result.reason}."
         return f"mean rank {self.notes.mark(note)}"
 
     def _suite_members(self) -> dict[str, list[str]]:
@@ -719,7 +884,8 @@ class _Builder:
         done = self.done[self.done["task"] == task]
         ci_header = f"{CI_LEVEL:.0%} CI"
         rows = []
-        for r in summary.itertuples(index=False):
+        ordered = summary.sort_values(["model", "rank"], na_position="last", kind="stable")
+        for r in ordered.itertuples(index=False):
             runs = done[(done["method"] == r.method) & (done["model"] == r.model)]
             row = {"model": r.model, "method": r.method, "n": str(r.n_seeds)}
             for metric in metrics:
@@ -729,6 +895,22 @@ class _Builder:
                 )
                 if metric == main:
                     row[ci_header] = self.ci_cell(r.score_ci95_low, r.score_ci95_high, metric)
+            for name, other in (("lora", REFERENCE_METHOD), ("full", BASELINE_METHOD)):
+                row[f"Δ {other}"] = self.diff_cell(getattr(r, f"vs_{name}_diff"), getattr(r, f"vs_{name}_ci_low"),
+                                                   getattr(r, f"vs_{name}_ci_high"), getattr(r, f"vs_{name}_p"), main or "")
+            row["vs best"] = ("best" if r.is_best else "≈ (n.s.)" if not pd.isna(r.vs_best_p) and r.vs_best_p >= ALPHA
+                              else f"worse (p={r.vs_best_p:.2g})" if not pd.isna(r.vs_best_p) else "")
+            row["protocol"] = "untuned" if r.protocol in (None, "none") or pd.isna(r.protocol) else str(r.protocol)
+            row["trials"] = MISSING if pd.isna(r.trials) else str(int(r.trials))
+            row["budget"] = r.budget if isinstance(r.budget, str) else MISSING
+            row["chosen"] = r.chosen if isinstance(r.chosen, str) else MISSING
+            if isinstance(r.chosen_at_edge, str):  # the best value is an end of the range: widen it
+                row["chosen"] += " " + self.notes.mark(
+                    "the chosen value is an end of the searched range (the optimum may lie outside it): "
+                    "widen the method's `search:` range in conf/method/<method>.yaml")
+            row["val score"] = (MISSING if pd.isna(r.val_objective)
+                                else self.value_text(abs(r.val_objective), main or ""))
+            row["λmax(H) at init"] = MISSING if pd.isna(r.sharpness) else f"{r.sharpness:.3g}"
             others = [f"{getattr(r, f'n_{s}')} {s}" for s in STATUSES if s != "completed" and getattr(r, f"n_{s}")]
             row["other runs"] = ", ".join(others)
             row["trainable"] = human_count(r.trainable)
@@ -788,6 +970,8 @@ def build_leaderboard(
         task_tables=task_tables,
         glue=builder.glue_table(suites),
         problems=problems,
+        warnings=builder.warnings,
+        friedman=builder.friedman_results(),
         status_counts=status_counts,
         footnotes=builder.notes.notes,
         records_read=records_read,
@@ -827,12 +1011,15 @@ def load_leaderboard(results_dir: Path) -> Leaderboard:
     """
     results_dir = Path(results_dir)
     records, skipped = require_records(results_dir)
-    return build_leaderboard(
-        records_frame(label_variants(list(records))),
+    reported = [r for r in records if (r.get("tuning") or {}).get("role") != "trial"]  # trials choose, never report
+    board = build_leaderboard(
+        records_frame(label_variants(reported)),
         records_read=len(records),
         skipped_files=len(skipped),
-        source=str(results_dir / "runs"),
+        source="runs/ beside this table",  # not an absolute path: a table rebuilt elsewhere stays byte-identical
     )
+    board.trial_records = len(records) - len(reported)
+    return board
 
 
 def write_leaderboard(results_dir: Path, out_dir: Path | None = None) -> list[Path]:

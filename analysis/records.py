@@ -13,7 +13,7 @@ import pandas as pd
 
 RECORD_GLOB = "runs/*/record.json"
 
-STATUSES = ("completed", "running", "preempted", "failed", "diverged")
+STATUSES = ("completed", "running", "preempted", "failed", "diverged", "pruned")
 
 #: Columns before the per-metric ``metric.<name>`` columns.
 LEADING_COLUMNS = [
@@ -42,6 +42,14 @@ TRAILING_COLUMNS = [
     "device",
     "eval_split",
     "eval_note",
+    "role",
+    "protocol",
+    "budget",
+    "trials",
+    "chosen",
+    "chosen_at_edge",
+    "val_objective",
+    "sharpness",
     "error_type",
     "error_message",
     "finished",
@@ -160,6 +168,19 @@ def latest_per_cell(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, A
     return [record for _, record in best.values()] + loose
 
 
+def edge_keys(tuning: Mapping[str, Any]) -> list[str]:
+    """The tuned numeric keys whose chosen value is the smallest or largest value the study tried: the optimum may
+    lie outside the searched range."""
+    chosen = _mapping(tuning.get("chosen"))
+    tried = [_mapping(t.get("params")) for t in tuning.get("trial_values") or [] if isinstance(t, Mapping)]
+    edges = []
+    for key, value in sorted(chosen.items()):
+        values = [p[key] for p in tried if isinstance(p.get(key), (int, float)) and not isinstance(p.get(key), bool)]
+        if isinstance(value, (int, float)) and len(set(values)) > 2 and value in (min(values), max(values)):
+            edges.append(key)
+    return edges
+
+
 def _row(record: Mapping[str, Any]) -> dict[str, Any]:
     metrics = _mapping(record.get("metrics"))
     params = _mapping(record.get("params"))
@@ -181,6 +202,21 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
     }
     for name, value in metrics.items():
         row[METRIC_PREFIX + str(name)] = _number(value)
+    tuning = _mapping(record.get("tuning"))
+    budget = _mapping(tuning.get("budget")) or _mapping(_mapping(record.get("config")).get("train"))
+    sharpness = _mapping(tuning.get("sharpness"))
+    row.update(
+        role=tuning.get("role"),
+        protocol=tuning.get("protocol") or "none",
+        budget=(f"{budget.get('max_steps')}×{budget.get('batch_size')}"
+                + (f"×{budget.get('grad_accum')}" if budget.get("grad_accum", 1) != 1 else "")) if budget else None,
+        trials=_number(_mapping(tuning.get("trials")).get("total")),
+        chosen=", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in sorted(_mapping(tuning.get("chosen")).items())) or None,
+        chosen_at_edge=",".join(edge_keys(tuning)) or None,
+        val_objective=_number(tuning.get("val_objective")),
+        sharpness=_number(sharpness.get("lambda_max")),
+    )
     row.update(
         trainable=_number(params.get("trainable")),
         total=_number(params.get("total")),

@@ -49,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scikit_posthocs as sp
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
@@ -316,6 +315,8 @@ def nemenyi(scores: pd.DataFrame, higher_is_better: bool = True) -> pd.DataFrame
             f"Nemenyi test needs at least 2 methods and 2 complete blocks, got {n_methods} and {n_blocks}"
         )
     oriented = -values if higher_is_better else values
+    import scikit_posthocs as sp  # imports seaborn and pyplot: only when a post-hoc test is asked for
+
     p = sp.posthoc_nemenyi_friedman(oriented)
     return p.loc[list(values.columns), list(values.columns)]
 
@@ -356,6 +357,8 @@ def cd_diagram(
     fig = Figure(figsize=(6.0, 0.9 + 0.3 * res.n_methods))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    import scikit_posthocs as sp  # imports seaborn and pyplot: only when a diagram is drawn
+
     sp.critical_difference_diagram(
         res.mean_ranks,
         pvals,
@@ -379,7 +382,7 @@ def cd_diagram(
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [out_stem.with_name(out_stem.name + ".png"), out_stem.with_name(out_stem.name + ".pdf")]
     fig.savefig(paths[0], dpi=CD_DPI)
-    fig.savefig(paths[1])
+    fig.savefig(paths[1], metadata={"CreationDate": None})  # no timestamp: a rebuilt figure is byte-identical
     fig.clear()
     return paths
 
