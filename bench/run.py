@@ -34,7 +34,7 @@ from bench.export import export
 from bench.models import load_model
 from bench.store import RunStore
 from bench.train import Diverged, Preempted, train
-from bench.tuning import SEARCH_KEY, Pruned, TrialReporter, objective
+from bench.tuning import SEARCH_KEY, Pruned, TrialReporter, make_pruner, objective
 from bench.trackers import NoTracker, SafeTracker, make_tracker
 from methods.base import Method, WrapContext
 from tasks.base import Holdout, Task
@@ -62,12 +62,19 @@ def cell_names(cfg: DictConfig) -> dict[str, str]:
     return {group: str(choices[group]) for group in ("method", "task", "model")}
 
 
-def cell_key(cfg: DictConfig, names: dict[str, str]) -> str:
-    """A hash of everything that determines the result: the resolved config and the option names."""
-    semantic = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_SEMANTIC_KEYS}
+def semantic_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the keys that do not change a result (NON_SEMANTIC_KEYS and _NESTED_KEYS)."""
+    plain = {k: cfg[k] for k in cfg if k not in NON_SEMANTIC_KEYS}  # hydra's own node is never resolved
+    semantic = OmegaConf.to_container(OmegaConf.create(plain), resolve=True) if plain else {}
     for group, key in NON_SEMANTIC_NESTED_KEYS:
         if isinstance(semantic.get(group), dict):
             semantic[group] = {k: v for k, v in semantic[group].items() if k != key}
+    return semantic
+
+
+def cell_key(cfg: DictConfig, names: dict[str, str]) -> str:
+    """A hash of everything that determines the result: the resolved config and the option names."""
+    semantic = semantic_config(cfg)
     blob = json.dumps({"names": names, "config": semantic}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -250,7 +257,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if role == "trial":  # validation scores every prune_every steps feed the study's pruner
             tcfg = OmegaConf.merge(cfg.train, {"eval_every": int(cfg.protocol.prune_every)})
             reporter = TrialReporter(cfg.tune.storage, cfg.tune.study, cfg.tune.trial_id, task.main_metric,
-                                     task.higher_is_better.get(task.main_metric, True))
+                                     task.higher_is_better.get(task.main_metric, True),
+                                     make_pruner(OmegaConf.to_container(cfg.protocol), int(cfg.train.max_steps)))
         result = train(model, method, loader, tcfg, device, autocast_dtype, evaluate,
                        progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log,
                        on_eval=reporter)

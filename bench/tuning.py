@@ -166,11 +166,15 @@ def check_protocol(protocol: Mapping[str, Any], space: Mapping[str, BaseDistribu
                           f"{size} points; raise protocol.grid_points or lower protocol.trials")
 
 
-def study_name(names: Mapping[str, str], overrides: Sequence[str], protocol: Mapping[str, Any],
+def study_name(names: Mapping[str, str], semantic: Mapping[str, Any], protocol: Mapping[str, Any],
                space: Mapping[str, BaseDistribution]) -> str:
-    """`<task>__<method>__<model>__<protocol>__<hash>`: the hash covers every other override, the protocol keys that
-    change results and the search space, so a changed space starts a new study and more trials extend the old one."""
-    blob = json.dumps({"overrides": sorted(overrides), "protocol": {k: protocol.get(k) for k in STUDY_KEYS},
+    """`<task>__<method>__<model>__<protocol>__<hash>`: the hash covers the cell's semantic config (bench.run's
+    semantic_config) without the seed, the tuned keys, the tuning bookkeeping and the protocol's trial and seed
+    counts, plus the search space: the same cell gets the same study from any experiment or command line, a
+    changed space or budget starts a new one, and more trials or seeds extend the old one."""
+    config = {k: v for k, v in semantic.items() if k not in ("seed", "tune", "protocol")}
+    config["method"] = {k: v for k, v in (config.get("method") or {}).items() if k not in space and k != SEARCH_KEY}
+    blob = json.dumps({"names": dict(names), "config": config, "protocol": {k: protocol.get(k) for k in STUDY_KEYS},
                        "space": {k: repr(v) for k, v in space.items()}}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
     return f"{names['task'].replace('/', '-')}__{names['method']}__{names['model']}__{protocol['name']}__{digest}"
@@ -246,12 +250,13 @@ class TrialReporter:
     when the pruner says so. Without a storage (a trial run by hand) it only remembers the values."""
 
     def __init__(self, storage: str | None, study: str | None, trial_id: int | None, main_metric: str,
-                 higher_is_better: bool) -> None:
+                 higher_is_better: bool, pruner: optuna.pruners.BasePruner | None = None) -> None:
         self.main_metric, self.higher = main_metric, higher_is_better
         self.values: dict[int, float] = {}
         self.trial = None
         if storage and study and trial_id is not None:
-            loaded = optuna.load_study(study_name=study, storage=storage)
+            # the study's pruner lives in the sweep, not in the storage: the protocol builds the same one here
+            loaded = optuna.load_study(study_name=study, storage=storage, pruner=pruner or optuna.pruners.NopPruner())
             self.trial = optuna.trial.Trial(loaded, int(trial_id))
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -95,12 +95,9 @@ class TuneSweeper(Sweeper):
             check_protocol(protocol, space, names["method"])
         except TuningError as e:
             raise HydraException(str(e)) from e
-        from bench.run import NON_SEMANTIC_KEYS, NON_SEMANTIC_NESTED_KEYS
+        from bench.run import semantic_config
 
-        ignored = {*GROUPS, *NON_SEMANTIC_KEYS, *(".".join(k) for k in NON_SEMANTIC_NESTED_KEYS)}
-        fixed = [o for o in overrides  # the overrides that change results name the study (progress=false does not)
-                 if not any(o.split("=", 1)[0].lstrip("+~") == k or o.startswith(f"{k}.") for k in ignored)]
-        name = study_name(names, fixed, protocol, space)
+        name = study_name(names, semantic_config(cfg), protocol, space)
         store = RunStore(Path(cfg.results_dir))
         trials = [r for r in store.records() if (r.get("tuning") or {}).get("study") == name
                   and (r.get("tuning") or {}).get("role") == "trial"]
