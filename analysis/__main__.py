@@ -5,6 +5,7 @@
     python -m analysis intruders   [--results results] [--out results/analysis] [--k 10] [--eps 0.5] [--mitigate]
     python -m analysis figure NAME [--results results] [--out results/figures]
     python -m analysis figure --list
+    python -m analysis tuning      [--results results] [--out DIR]
 """
 
 from __future__ import annotations
@@ -242,6 +243,15 @@ def _figure(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
+def _tuning(args: argparse.Namespace) -> int:
+    from analysis.tuning import write_tuning_report
+
+    paths = write_tuning_report(args.results, args.out)
+    _print_paths(paths)
+    print(paths[0].read_text(), end="")
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -280,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     intruders.add_argument("--eval-limit", type=int, default=None,
                            help="--mitigate: score a fixed subset of this many eval rows (default: the whole split)")
     intruders.set_defaults(func=_guarded(_intruders))
+
+    tuning = commands.add_parser("tuning", help="what tuning changed: default vs tuned scores, ranks, sharpness")
+    results_arg(tuning)
+    tuning.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
+    tuning.set_defaults(func=_guarded(_tuning))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
     figure.add_argument("name", nargs="?", help="figure name (see --list), or all")

@@ -284,6 +284,7 @@ class Study:
     study: optuna.Study
     storage: str
     sharpness: dict[str, Any] | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def needs_trials(self) -> bool:

@@ -106,7 +106,9 @@ class TuneSweeper(Sweeper):
         sharp = next(((r["tuning"]["sharpness"]) for r in trials if (r.get("tuning") or {}).get("sharpness")), None)
         budget = {"max_steps": int(cfg.train.max_steps), "batch_size": int(cfg.train.batch_size),
                   "grad_accum": int(cfg.train.grad_accum)}
-        return Study(name, overrides, names, protocol, space, store, budget, study, storage, sharpness=sharp)
+        defaults = {k: cfg.method.get(k) for k in space}  # the YAML's values: the untuned point of comparison
+        return Study(name, overrides, names, protocol, space, store, budget, study, storage, sharpness=sharp,
+                     defaults=defaults)
 
     # ------------------------------------------------------------------ the sweep
     def sweep(self, arguments: list[str]) -> Any:
@@ -214,7 +216,7 @@ class TuneSweeper(Sweeper):
         return {
             "trials": {"total": len(states), **{k: states.count(k) for k in ("complete", "pruned", "fail")}},
             "sampler": s.protocol["sampler"], "pruner": s.protocol["pruner"],
-            "tuned_keys": sorted(s.space), "chosen": dict(best.params),
+            "tuned_keys": sorted(s.space), "chosen": dict(best.params), "defaults": dict(s.defaults),
             "val_objective": best.value, "best_trial_run": best.user_attrs.get("run_id"),
             "trial_values": [{"params": t.params, "state": t.state.name.lower(), "objective": t.value}
                              for t in finished(s.study)],

@@ -14,7 +14,7 @@ from analysis.leaderboard import load_leaderboard, write_leaderboard
 from tests.analysis.test_leaderboard import TRAINABLE, make_record
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINABLE.update(strong=1000, twin=2000, dora=360_000)  # parameter counts of the constructed methods
+TRAINABLE.update(strong=1000, twin=2000, dora=360_000, a=1, b=2, c=3, d=4)  # parameter counts of the constructed methods
 
 
 def tuned(method: str, seed: int, score: float, role: str = "final", protocol: str = "cheap",
@@ -91,3 +91,25 @@ def test_committed_tables_rebuild_byte_for_byte_from_committed_records(where, tm
         committed = source / path.name
         assert committed.exists(), f"{where}/{path.name} is not committed"
         assert path.read_bytes() == committed.read_bytes(), f"{where}/{path.name} differs from its records"
+
+
+def test_tuning_report_gives_rank_changes_and_the_sharpness_correlation():
+    from analysis.tuning import sharpness_correlation, study_rows
+
+    def final(method: str, default: float, chosen: float, val_default: float, val_tuned: float, sharp: float):
+        record = tuned(method, 0, val_tuned - 0.05)
+        record["tuning"].update(defaults={"lr": default}, chosen={"lr": chosen}, val_objective=val_tuned,
+                                sharpness={"lambda_max": sharp},
+                                trial_values=[{"params": {"lr": default}, "objective": val_default},
+                                              {"params": {"lr": chosen}, "objective": val_tuned}])
+        return record
+
+    # a is best untuned, c gains most from tuning and overtakes it; sharper methods chose smaller learning rates
+    records = [final("a", 1e-3, 1e-3, 0.90, 0.90, 1.0), final("b", 1e-3, 3e-3, 0.80, 0.85, 0.5),
+               final("c", 1e-3, 1e-4, 0.70, 0.95, 10.0), final("d", 1e-3, 3e-4, 0.60, 0.61, 3.0)]
+    df = study_rows(records).set_index("method")
+    assert df.loc["c", "rank_default"] == 3 and df.loc["c", "rank_tuned"] == 1 and df.loc["c", "rank_change"] == 2
+    assert df.loc["a", "rank_change"] == -1 and df.loc["a", "val_gain"] == 0
+    assert df.loc["b", "val_gain"] == pytest.approx(0.05)
+    corr = sharpness_correlation(study_rows(records))
+    assert corr.loc[0, "spearman_rho"] == pytest.approx(-1.0)  # a perfect inverse ordering
