@@ -205,3 +205,26 @@ def test_a_sweep_without_a_protocol_or_with_seeds_names_the_fix(tmp_path):
     out = sweep(tmp_path, "method=lora", "seed=0,1")
     assert out.returncode != 0 and "protocol.seeds" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_pruned_trial_leaves_a_pruned_record_and_is_not_rerun(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    space = {"lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-4}, distributions=space, value=2.0,
+                                              intermediate_values={2: 2.0}))  # unbeatable: any trial is below it
+    trial = study.ask(space)
+    args = [sys.executable, "-m", "bench", "protocol=cheap", "+experiment=smoke", "model=tiny_bert",
+            f"results_dir={tmp_path}", "protocol.prune_every=2", "protocol.pruner_startup_trials=1",
+            "protocol.validation.size=16", "method.lr=0.001", "tune.role=trial", "tune.study=s",
+            f"tune.storage={storage}", f"tune.trial_id={trial._trial_id}", "record.save_delta=false"]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = all_records(tmp_path)
+    assert record["status"] == "pruned" and record["error"]["step"] == 2
+    assert list(record["tuning"]["intermediate"]) == ["2"] and record["eval_split"] == "validation"
+    assert [e["step"] for e in record["eval_history"]] == [2] and not (tmp_path / "runs" / record["id"] /
+                                                                       "checkpoint.pt").exists()
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "pruned at" in again.stdout + again.stderr
+    assert all_records(tmp_path)[0]["attempts"] == 1
