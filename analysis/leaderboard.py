@@ -243,6 +243,7 @@ class Leaderboard:
     mean_ranks: pd.DataFrame = field(default_factory=pd.DataFrame)
     warnings: list[str] = field(default_factory=list)  # comparisons that mix protocols or budgets
     friedman: dict[str, object] = field(default_factory=dict)  # model -> FriedmanResult over its common tasks
+    rank_tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # model -> tasks × methods it ranked
     trial_records: int = 0  # tuning trials read and left out of every table
 
     # -- text pieces shared by Markdown and HTML
@@ -346,18 +347,9 @@ class Leaderboard:
             _write_atomic(out_dir / name, text)
         for model, result in self.friedman.items():
             if result.reason is None:  # >= 3 methods on >= 2 common tasks
-                paths += cd_diagram(self.rank_table(model), out_dir / f"leaderboard_cd_{model}",
+                paths += cd_diagram(self.rank_tables[model], out_dir / f"leaderboard_cd_{model}",
                                     title=f"{model}: mean rank over {result.n_blocks} tasks (Nemenyi, α = {ALPHA})")
         return paths
-
-    def rank_table(self, model: str) -> pd.DataFrame:
-        """The tasks × methods table the Friedman test of `model` ranked (higher is better)."""
-        rows = self.summary[(self.summary["model"] == model) & self.summary["score_mean"].notna()]
-        table = rows.pivot_table(index="task", columns="method", values="score_mean", aggfunc="first")
-        for task in table.index:
-            if rows.loc[rows["task"] == task, "higher_is_better"].eq(False).any():
-                table.loc[task] = -table.loc[task]
-        return table.dropna(axis=0, how="any")
 
 
 _HTML_PAGE = """<!DOCTYPE html>
@@ -972,6 +964,7 @@ def build_leaderboard(
         problems=problems,
         warnings=builder.warnings,
         friedman=builder.friedman_results(),
+        rank_tables={model: builder.rank_scores(model) for model in builder.friedman_results()},
         status_counts=status_counts,
         footnotes=builder.notes.notes,
         records_read=records_read,

@@ -113,3 +113,20 @@ def test_tuning_report_gives_rank_changes_and_the_sharpness_correlation():
     assert df.loc["b", "val_gain"] == pytest.approx(0.05)
     corr = sharpness_correlation(study_rows(records))
     assert corr.loc[0, "spearman_rho"] == pytest.approx(-1.0)  # a perfect inverse ordering
+
+
+def test_three_methods_on_two_tasks_get_a_friedman_test_and_a_cd_diagram(tmp_path):
+    records = []
+    for task, base in (("glue/sst2", 0.85), ("glue/mrpc", 0.80)):
+        for method, gap in (("strong", 0.05), ("lora", 0.0), ("twin", -0.05)):
+            for seed in range(2):
+                r = tuned(method, seed, base + gap + 0.001 * seed)
+                r.update(task=task, main_metric="accuracy", id=f"{task[5:]}-{r['id']}", cell_key=f"{task}-{r['cell_key']}")
+                records.append(r)
+    board = load_leaderboard(write(tmp_path, records))
+    result = board.friedman["minilm"]
+    assert result.n_blocks == 2 and list(result.mean_ranks.index) == ["strong", "lora", "twin"]
+    assert list(board.model_tables["minilm"]["method"]) == ["strong", "lora", "twin"]  # sorted by mean rank
+    assert "Friedman test over the 2 tasks" in board.to_markdown()
+    paths = board.write(tmp_path / "out")
+    assert {p.name for p in paths} >= {"leaderboard_cd_minilm.png", "leaderboard_cd_minilm.pdf"}
