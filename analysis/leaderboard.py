@@ -1012,7 +1012,30 @@ def load_leaderboard(results_dir: Path) -> Leaderboard:
         source="runs/ beside this table",  # not an absolute path: a table rebuilt elsewhere stays byte-identical
     )
     board.trial_records = len(records) - len(reported)
+    board.warnings += unreported_studies(records)
     return board
+
+
+def unreported_studies(records: list[dict]) -> list[str]:
+    """A line per tuned cell whose trials all ended without a completed one (so it has no reported run and would
+    otherwise vanish from the table)."""
+    trials: dict[tuple, list[dict]] = {}
+    finals = set()
+    for r in records:
+        tuning = r.get("tuning") or {}
+        key = (r.get("model"), r.get("task"), r.get("method"), tuning.get("protocol"))
+        if tuning.get("role") == "trial":
+            trials.setdefault(key, []).append(r)
+        elif tuning.get("role") == "final":
+            finals.add(key)
+    lines = []
+    for key, runs in sorted(trials.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        statuses = [str(r.get("status")) for r in runs]
+        if key not in finals and "completed" not in statuses and not {"running", "preempted"} & set(statuses):
+            counts = ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
+            lines.append(f"{key[0]} / {key[1]} / {key[2]}: NO REPORTED RUN — none of its {len(runs)} tuning trials "
+                         f"({key[3]}) completed ({counts}); see the trial records' errors.")
+    return lines
 
 
 def write_leaderboard(results_dir: Path, out_dir: Path | None = None) -> list[Path]:

@@ -130,3 +130,13 @@ def test_three_methods_on_two_tasks_get_a_friedman_test_and_a_cd_diagram(tmp_pat
     assert "Friedman test over the 2 tasks" in board.to_markdown()
     paths = board.write(tmp_path / "out")
     assert {p.name for p in paths} >= {"leaderboard_cd_minilm.png", "leaderboard_cd_minilm.pdf"}
+
+
+def test_a_method_whose_every_trial_failed_is_named_not_dropped(tmp_path):
+    records = [tuned("lora", s, 0.85) for s in range(2)]
+    for seed in range(2):
+        r = tuned("strong", seed, 0.5, role="trial")
+        r.update(status="diverged", id=f"{r['id']}-t{seed}", cell_key=f"{r['cell_key']}-t{seed}")
+        records.append(r)
+    board = load_leaderboard(write(tmp_path, records))
+    assert any("strong: NO REPORTED RUN" in w and "2 diverged" in w for w in board.warnings)
