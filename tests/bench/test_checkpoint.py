@@ -53,7 +53,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoint.pt"
     t1 = tiny("lora", extra=extra)
     torch.manual_seed(0)
-    dying = DiesAtStep(die_after=5, **{k: v for k, v in t1.cfg.method.items() if k != "_target_"})
+    dying = DiesAtStep(die_after=5, **{k: v for k, v in t1.cfg.method.items() if k not in ("_target_", "search")})
     m1 = dying.prepare(copy.deepcopy(t1.base), t1.ctx)
     with pytest.raises(Killed):
         train(m1, dying, t1.loader, _cfg(8, 3), torch.device("cpu"), None, lambda m: {}, progress=False, checkpoint=ckpt)
