@@ -6,6 +6,7 @@
     python -m analysis figure NAME [--results results] [--out results/figures]
     python -m analysis figure --list
     python -m analysis tuning      [--results results] [--out DIR]
+    python -m analysis claims      [--results-root .] [--out results/claims]
 """
 
 from __future__ import annotations
@@ -252,6 +253,23 @@ def _tuning(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claims(args: argparse.Namespace) -> int:
+    """claims.{md,csv} and one figure per claim with records: each paper's headline result checked on the records."""
+    from analysis.claims import ClaimError, write_claims_report
+
+    try:
+        paths, results = write_claims_report(args.results_root, args.out, args.conf)
+    except ClaimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print_paths(paths[:2])
+    print(f"figures: {len(paths) - 2} files (PNG and PDF, unchanged ones not redrawn)")
+    print()
+    for result in results:
+        print(f"{result.claim.name:<28} {result.verdict_text}")
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -295,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     results_arg(tuning)
     tuning.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
     tuning.set_defaults(func=_guarded(_tuning))
+
+    claims = commands.add_parser("claims", help="each paper's headline claim (conf/claim) checked on the records")
+    claims.add_argument("--results-root", type=Path, default=Path("."),
+                        help="where the claims' results_dir paths start (default: .)")
+    claims.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: <results-root>/results/claims)")
+    claims.add_argument("--conf", type=Path, default=None, help="claim files (default: the repository's conf/claim)")
+    claims.set_defaults(func=_guarded(_claims))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
     figure.add_argument("name", nargs="?", help="figure name (see --list), or all")
