@@ -528,15 +528,19 @@ class _Builder:
         rank = rank_methods(self.summary, self.higher)
         self.summary.insert(self.summary.columns.get_loc("score_ci95_high") + 1, "rank", rank)
         self.ranks = mean_ranks(self.summary)
+        # per-seed scores grouped once: every comparison of add_significance reads them
+        self.scores_by_cell = {key: [float(v) for v in scores.dropna()]
+                               for key, scores in self.done.groupby(["method", "model", "task"])["score"]}
         self.add_significance()
         self.summary["higher_is_better"] = [self.higher(m or "") for m in self.summary["main_metric"]]
         self.warnings = self.mixing_warnings()
+        self.rank_tables = {model: self.rank_scores(model) for model in sorted(self.summary["model"].unique())}
+        self.friedman = {model: friedman(table) for model, table in self.rank_tables.items() if table.shape[1] > 1}
 
     # -- statistics
 
     def seed_scores(self, method: str, model: str, task: str) -> list[float]:
-        runs = self.done[(self.done["method"] == method) & (self.done["model"] == model) & (self.done["task"] == task)]
-        return [float(v) for v in runs["score"].dropna()]
+        return self.scores_by_cell.get((method, model, task), [])
 
     def add_significance(self) -> None:
         """Welch's t over seeds of every row against the reference method (lora), full fine-tuning and the task's
@@ -734,11 +738,6 @@ class _Builder:
                 table.loc[task] = -table.loc[task]
         return table.dropna(axis=0, how="any")
 
-    def friedman_results(self) -> dict[str, object]:
-        """The Friedman test of each model's methods over its common tasks (analysis.stats.friedman)."""
-        return {model: friedman(self.rank_scores(model)) for model in sorted(self.summary["model"].unique())
-                if self.rank_scores(model).shape[1] > 1}
-
     def rank_header(self, model: str, ranks: pd.DataFrame) -> str:
         """``mean rank [n]``, with a footnote saying which tasks were ranked and how."""
         compared = int(ranks["mean_rank"].notna().sum()) if len(ranks) else 0
@@ -756,7 +755,7 @@ class _Builder:
                 f"{model}: mean rank over the {n_tasks} task{s} where all {compared} methods with results have one "
                 f"({names}); {how}. Lower is better."
             )
-            result = friedman(self.rank_scores(model))
+            result = self.friedman[model]
             if result.reason is None:
                 note += (f" Friedman test over the {result.n_blocks} tasks: χ² = {result.statistic:.3g}, "
                          f"p = {result.p:.2g} ({'the mean ranks differ' if result.p < ALPHA else 'no evidence that the mean ranks differ'} "
@@ -963,8 +962,8 @@ def build_leaderboard(
         glue=builder.glue_table(suites),
         problems=problems,
         warnings=builder.warnings,
-        friedman=builder.friedman_results(),
-        rank_tables={model: builder.rank_scores(model) for model in builder.friedman_results()},
+        friedman=builder.friedman,
+        rank_tables={model: builder.rank_tables[model] for model in builder.friedman},
         status_counts=status_counts,
         footnotes=builder.notes.notes,
         records_read=records_read,

@@ -140,8 +140,9 @@ def tuning_block(cfg: DictConfig) -> dict[str, Any]:
                              "budget": {"max_steps": int(cfg.train.max_steps), "batch_size": int(cfg.train.batch_size),
                                         "grad_accum": int(cfg.train.grad_accum)}}
     if cfg.tune.role == "trial":
-        keys = protocol.get("tune_keys") or list((cfg.method.get(SEARCH_KEY) or {}).keys())
-        block["params"] = {k: OmegaConf.to_container(cfg.method, resolve=True).get(k) for k in keys}
+        method = OmegaConf.to_container(cfg.method, resolve=True)
+        keys = protocol.get("tune_keys") or list((method.get(SEARCH_KEY) or {}).keys())
+        block["params"] = {k: method.get(k) for k in keys}
     if cfg.tune.role == "final" and cfg.tune.effort_file:
         block.update(json.loads(Path(cfg.tune.effort_file).read_text()))
     return block
@@ -281,10 +282,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif checkpoint.exists():
             log.info("resuming %s from %s", run_id, checkpoint)
         tcfg, reporter = cfg.train, None
+        higher = task.higher_is_better.get(task.main_metric, True)  # the direction a study optimises
         if role == "trial":  # validation scores every prune_every steps feed the study's pruner
             tcfg = OmegaConf.merge(cfg.train, {"eval_every": int(cfg.protocol.prune_every)})
             reporter = TrialReporter(cfg.tune.storage, cfg.tune.study, cfg.tune.trial_id, task.main_metric,
-                                     task.higher_is_better.get(task.main_metric, True),
+                                     higher,
                                      make_pruner(OmegaConf.to_container(cfg.protocol), int(cfg.train.max_steps)))
         result = train(model, method, loader, tcfg, device, autocast_dtype, evaluate,
                        progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log,
@@ -309,8 +311,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 record["higher_is_better"].update({f"{name}_base": False, name: False, f"{name}_increase": False})
         log.info("%s: %s", run_id, metrics)
         if reporter is not None:
-            record["tuning"].update(objective=objective(metrics, task.main_metric,
-                                                        task.higher_is_better.get(task.main_metric, True)),
+            record["tuning"].update(objective=objective(metrics, task.main_metric, higher),
                                     intermediate=reporter.values)
 
         # ------------------------------------------------------------ artifacts + record
@@ -355,16 +356,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish(record)  # the signal may end the process before `finally`
         signal.raise_signal(e.signum)  # pass it on: SLURM/submitit requeue, or the default termination
     except Pruned as e:
-        partial = getattr(e, "train_result", None)
-        if partial is not None:
-            record.update(curve=partial.curve, eval_history=partial.eval_history)
+        keep_partial_curve(record, e)
         record["tuning"].update(intermediate=reporter.values if reporter else {}, objective=None)
         record.update(status="pruned", error={"type": "Pruned", "message": str(e), "step": e.step})
         log.info("%s %s", run_id, e)
     except Diverged as e:
-        partial = getattr(e, "train_result", None)
-        if partial is not None:  # the loss curve up to the divergence
-            record.update(curve=partial.curve, eval_history=partial.eval_history)
+        keep_partial_curve(record, e)
         record.update(status="diverged", error={"type": "Diverged", "message": str(e), "step": e.step,
                                                  "traceback": traceback.format_exc(limit=-8)})
         log.error("%s diverged: %s", run_id, e)
@@ -378,6 +375,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_unless_finished_elsewhere(store, record)
         tracker.finish(record)  # after the record is written: it never waits on, or depends on, a tracker
     return record
+
+
+def keep_partial_curve(record: dict[str, Any], e: BaseException) -> None:
+    """A run stopped mid-training (pruned, diverged) keeps its loss curve and evaluations up to that step
+    (bench.train attaches them to the exception as `train_result`)."""
+    partial = getattr(e, "train_result", None)
+    if partial is not None:
+        record.update(curve=partial.curve, eval_history=partial.eval_history)
 
 
 def write_unless_finished_elsewhere(store: RunStore, record: dict[str, Any]) -> None:

@@ -97,11 +97,11 @@ def grid(space: Mapping[str, BaseDistribution], points: int) -> dict[str, list[A
     for name, dist in space.items():
         if isinstance(dist, CategoricalDistribution):
             out[name] = list(dist.choices)
-        elif isinstance(dist, IntDistribution):
-            values = np.geomspace(dist.low, dist.high, points) if dist.log else np.linspace(dist.low, dist.high, points)
+            continue
+        values = (np.geomspace if dist.log else np.linspace)(dist.low, dist.high, points)
+        if isinstance(dist, IntDistribution):
             out[name] = sorted({int(round(v)) for v in values})
         else:
-            values = np.geomspace(dist.low, dist.high, points) if dist.log else np.linspace(dist.low, dist.high, points)
             out[name] = [float(f"{v:.3g}") for v in values]
     return out
 
@@ -276,11 +276,9 @@ class Study:
 
     name: str
     overrides: list[str]
-    names: dict[str, str]
     protocol: dict[str, Any]
     space: dict[str, Any]
     store: Any  # bench.store.RunStore
-    budget: dict[str, int]
     study: optuna.Study
     storage: str
     sharpness: dict[str, Any] | None = None

@@ -54,6 +54,7 @@ class TuneSweeper(Sweeper):
         self.hydra_context: HydraContext | None = None
         self.launcher: Launcher | None = None
         self.job_idx = 0
+        self._trial_records: dict[str, list[dict[str, Any]]] = {}  # results dir -> its trial records
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -99,16 +100,19 @@ class TuneSweeper(Sweeper):
 
         name = study_name(names, semantic_config(cfg), protocol, space)
         store = RunStore(Path(cfg.results_dir))
-        trials = [r for r in store.records() if (r.get("tuning") or {}).get("study") == name
-                  and (r.get("tuning") or {}).get("role") == "trial"]
+        trials = [r for r in self.trial_records(store) if r["tuning"].get("study") == name]
         pruner = make_pruner(protocol, int(cfg.train.max_steps))
         study = rebuild_study(storage, name, trials, space, pruner)
         sharp = next(((r["tuning"]["sharpness"]) for r in trials if (r.get("tuning") or {}).get("sharpness")), None)
-        budget = {"max_steps": int(cfg.train.max_steps), "batch_size": int(cfg.train.batch_size),
-                  "grad_accum": int(cfg.train.grad_accum)}
         defaults = {k: cfg.method.get(k) for k in space}  # the YAML's values: the untuned point of comparison
-        return Study(name, overrides, names, protocol, space, store, budget, study, storage, sharpness=sharp,
-                     defaults=defaults)
+        return Study(name, overrides, protocol, space, store, study, storage, sharpness=sharp, defaults=defaults)
+
+    def trial_records(self, store: Any) -> list[dict[str, Any]]:
+        """The tuning-trial records of a store, read once per sweep (every study of a grid looks in them)."""
+        key = str(store.root.resolve())
+        if key not in self._trial_records:
+            self._trial_records[key] = [r for r in store.records() if (r.get("tuning") or {}).get("role") == "trial"]
+        return self._trial_records[key]
 
     # ------------------------------------------------------------------ the sweep
     def sweep(self, arguments: list[str]) -> Any:
@@ -150,7 +154,7 @@ class TuneSweeper(Sweeper):
                 self.tell(s, trial, ret)
             returns.append(results)
 
-        finals, owners = [], []
+        finals = []
         for s in studies:
             best = best_trial(s.study)
             if best is None:
@@ -163,7 +167,6 @@ class TuneSweeper(Sweeper):
             for seed in s.protocol["seeds"]:
                 finals.append([*s.overrides, *chosen, "tune.role=final", f"tune.study={s.name}",
                                f"tune.effort_file={path.resolve()}", f"seed={seed}"])
-                owners.append(s)
         if finals:
             returns.append(self.launch(finals))
         return returns
