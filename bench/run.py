@@ -56,22 +56,62 @@ NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"
                             ("tune", "effort_file"))
 #: Statuses that end a cell: a rerun skips it unless force=true (a pruned trial is a finished trial).
 FINAL_STATUSES = ("completed", "pruned")
+#: the method that reads a PEFT config file (its file's contents and training parameters enter the cell)
+PEFT_CONFIG_TARGET = "methods.peft_config.PeftConfigMethod"
 
 
-def cell_names(cfg: DictConfig) -> dict[str, str]:
-    """The option names of the cell (method, task, model): Hydra's choices, i.e. the YAML file names."""
-    choices = HydraConfig.get().runtime.choices
-    return {group: str(choices[group]) for group in ("method", "task", "model")}
+def cell_names(cfg: DictConfig, choices: Any = None) -> dict[str, str]:
+    """The option names of the cell (method, task, model): Hydra's choices, i.e. the YAML file names; a PEFT config
+    run (method=peft) is named after its experiment, `peft/<tuner>/<variant>`, as PEFT's method comparison does."""
+    choices = HydraConfig.get().runtime.choices if choices is None else choices
+    names = {group: str(choices[group]) for group in ("method", "task", "model")}
+    if cfg.method.get("_target_") == PEFT_CONFIG_TARGET and cfg.method.get("config"):
+        from methods.peft_config import experiment_name  # each PEFT config is its own method in the tables
+
+        names["method"] = f"{names['method']}/{experiment_name(cfg.method.config)}"
+    return names
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without the keys that do not change a result (NON_SEMANTIC_KEYS and _NESTED_KEYS)."""
+    """The resolved config without the keys that do not change a result (NON_SEMANTIC_KEYS and _NESTED_KEYS).
+
+    A method configured by a file (method=peft method.config=PATH) keys on the file's contents too, so that an
+    edited adapter_config.json is a new cell rather than a skipped one.
+    """
     plain = {k: cfg[k] for k in cfg if k not in NON_SEMANTIC_KEYS}  # hydra's own node is never resolved
     semantic = OmegaConf.to_container(OmegaConf.create(plain), resolve=True) if plain else {}
     for group, key in NON_SEMANTIC_NESTED_KEYS:
         if isinstance(semantic.get(group), dict):
             semantic[group] = {k: v for k, v in semantic[group].items() if k != key}
+    method = semantic.get("method")
+    if isinstance(method, dict) and method.get("_target_") == PEFT_CONFIG_TARGET:
+        from methods.peft_config import config_digest
+
+        try:
+            method["config_digest"] = config_digest(method["config"])
+        except FileNotFoundError:
+            method["config_digest"] = None  # the run fails on the missing file, under the key of its path
     return semantic
+
+
+def apply_training_params(cfg: DictConfig) -> list[str]:
+    """A PEFT experiment folder (method=peft method.config=DIR) brings its training_params.json: each parameter
+    with a deltabench key (methods/peft_config.py TRAINING_KEYS) sets it, unless the command line set that key,
+    which wins. Returns the parameters that have no deltabench key (logged: the task, model and protocol own them)."""
+    if cfg.method.get("_target_") != PEFT_CONFIG_TARGET or not cfg.method.get("config"):
+        return []
+    from methods.peft_config import training_overrides, training_params
+
+    try:
+        params = training_params(cfg.method.config)
+        mapped, ignored = training_overrides(params)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"method.config={cfg.method.config}: {e}") from e
+    given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    for key, value in mapped.items():
+        if key not in given:
+            OmegaConf.update(cfg, key, value, force_add=False)
+    return ignored
 
 
 def cell_key(cfg: DictConfig, names: dict[str, str]) -> str:
@@ -179,6 +219,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if "suite" in cfg.task:
         raise ConfigError(f"task={names['task']} is a suite of {list(cfg.task.suite)}; "
                          f"run it as `python -m bench task={names['task']}` (it expands into one run per subtask)")
+    ignored = apply_training_params(cfg)
+    if ignored:
+        log.info("method.config=%s: training parameters without a deltabench key (set by task, model or "
+                 "protocol instead): %s", cfg.method.config, ", ".join(ignored))
     invalid: ConfigError | None = None
     try:  # every numeric key in its domain (bench/validate.py), before anything loads
         validate_config(cfg, names)
@@ -187,7 +231,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise  # the run id holds the seed: no record can be named
         invalid = e  # the cell's record says failed, with this error, and nothing runs
     key = cell_key(cfg, names)
-    run_id = f"{names['task'].replace('/', '-')}__{names['method']}__{names['model']}__s{cfg.seed}__{key[:8]}"
+    run_id = f"{names['task'].replace('/', '-')}__{names['method'].replace('/', '-')}__{names['model']}__s{cfg.seed}__{key[:8]}"
     store = RunStore(Path(cfg.results_dir))
     previous = store.read(run_id)
     if invalid is not None and previous and previous["status"] in FINAL_STATUSES:

@@ -177,7 +177,7 @@ def study_name(names: Mapping[str, str], semantic: Mapping[str, Any], protocol: 
     blob = json.dumps({"names": dict(names), "config": config, "protocol": {k: protocol.get(k) for k in STUDY_KEYS},
                        "space": {k: repr(v) for k, v in space.items()}}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
-    return f"{names['task'].replace('/', '-')}__{names['method']}__{names['model']}__{protocol['name']}__{digest}"
+    return f"{names['task'].replace('/', '-')}__{names['method'].replace('/', '-')}__{names['model']}__{protocol['name']}__{digest}"
 
 
 def objective(metrics: Mapping[str, float], main_metric: str, higher_is_better: bool) -> float:

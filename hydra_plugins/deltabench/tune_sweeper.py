@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # Hydra imports every plugin module at start-up: Optuna only 
     from bench.tuning import Study
 
 log = logging.getLogger(__name__)
-GROUPS = ("method", "task", "model")
 
 
 class TuneSweeper(Sweeper):
@@ -84,20 +83,20 @@ class TuneSweeper(Sweeper):
 
         assert self.hydra_context is not None and self.config is not None
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        choices = cfg.hydra.runtime.choices
-        names = {g: str(choices[g]) for g in GROUPS}
+        from bench.run import cell_names, semantic_config
+
+        names = cell_names(cfg, cfg.hydra.runtime.choices)  # peft/<tuner>/<variant> for a PEFT config run
+        option = str(cfg.hydra.runtime.choices["method"])  # the YAML that holds the search space
         protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
         if protocol["name"] == "none":
             raise HydraException("hydra/sweeper=tune needs a tuning protocol: add protocol=cheap (or protocol=paper), "
                                  "or use an experiment that selects one (+experiment=zoo_tuned)")
         try:
             space = search_space(OmegaConf.to_container(cfg.method, resolve=True), protocol.get("tune_keys"),
-                                 names["method"])
-            check_protocol(protocol, space, names["method"])
+                                 option)
+            check_protocol(protocol, space, option)
         except TuningError as e:
             raise HydraException(str(e)) from e
-        from bench.run import semantic_config
-
         name = study_name(names, semantic_config(cfg), protocol, space)
         store = RunStore(Path(cfg.results_dir))
         trials = [r for r in self.trial_records(store) if r["tuning"].get("study") == name]
