@@ -532,7 +532,8 @@ class _Builder:
         self.scores_by_cell = {key: [float(v) for v in scores.dropna()]
                                for key, scores in self.done.groupby(["method", "model", "task"])["score"]}
         self.add_significance()
-        self.summary["higher_is_better"] = [self.higher(m or "") for m in self.summary["main_metric"]]
+        self.summary["higher_is_better"] = [self.higher(m if isinstance(m, str) else "")  # NaN: a running cell
+                                            for m in self.summary["main_metric"]]
         self.warnings = self.mixing_warnings()
         self.rank_tables = {model: self.rank_scores(model) for model in sorted(self.summary["model"].unique())}
         self.friedman = {model: friedman(table) for model, table in self.rank_tables.items() if table.shape[1] > 1}

@@ -470,3 +470,15 @@ def test_hyperparameter_variants_are_rows_of_their_own() -> None:
     records.append(dict(base, method="full", id="f", config={"method": {"lr": 5e-5}}))
     labels = [r["method"] for r in label_variants(records)]
     assert labels == ["lora (r=1)", "lora (r=1)", "lora (r=8)", "lora (r=8)", "full"]
+
+
+def test_a_running_cell_of_a_method_without_results_is_counted_not_a_crash(results: Path) -> None:
+    """A run that has just started has no main metric yet (null in its record): the table names it as running."""
+    record = make_record("full", "glue/cola", 0, None, status="running")
+    record["main_metric"] = None
+    record["method"] = "newcomer"
+    record["id"] = record["id"].replace("__full__", "__newcomer__")
+    write_record(results, record)
+    with pytest.warns(RecordWarning, match="broken"):
+        markdown = build_leaderboard(records_frame(load_records(results))).to_markdown()
+    assert "1 running" in markdown
