@@ -253,6 +253,26 @@ def _tuning(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_peft(args: argparse.Namespace) -> int:
+    """PEFT method-comparison result JSONs -> records under <results>/runs (marked as PEFT's runs)."""
+    from analysis.peft_import import import_dir
+
+    if not args.source.exists():
+        print(f"error: {args.source}: no such file or folder (give PEFT's method_comparison/MetaMathQA/results)",
+              file=sys.stderr)
+        return 1
+    written, skipped = import_dir(args.source, args.results)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"imported {len(written)} PEFT result(s) into {args.results / 'runs'}"
+          + (f"; skipped {len(skipped)}" if skipped else ""))
+    if not written:
+        print(f"error: no PEFT result JSON under {args.source}", file=sys.stderr)
+        return 1
+    print(f"next: python -m analysis leaderboard --results {args.results}")
+    return 0
+
+
 def _claims(args: argparse.Namespace) -> int:
     """claims.{md,csv} and one figure per claim with records: each paper's headline result checked on the records."""
     from analysis.claims import ClaimError, write_claims_report
@@ -313,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     results_arg(tuning)
     tuning.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
     tuning.set_defaults(func=_guarded(_tuning))
+
+    imp = commands.add_parser("import-peft", help="PEFT method-comparison result JSONs -> records (marked as PEFT's)")
+    imp.add_argument("source", type=Path, help="a result JSON or a folder of them (method_comparison/MetaMathQA/results)")
+    imp.add_argument("--results", type=Path, default=Path("results/peft"),
+                     help="results directory to write records into (default: results/peft)")
+    imp.set_defaults(func=_import_peft)
 
     claims = commands.add_parser("claims", help="each paper's headline claim (conf/claim) checked on the records")
     claims.add_argument("--results-root", type=Path, default=Path("."),

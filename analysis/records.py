@@ -58,7 +58,8 @@ TRAILING_COLUMNS = [
 METRIC_PREFIX = "metric."
 
 #: How the runner measured ``cost.peak_mem_bytes`` (``cost.peak_mem_kind``) -> a short label.
-MEMORY_KINDS = {"rss": "RSS", "cuda_max_allocated": "CUDA max allocated"}
+MEMORY_KINDS = {"rss": "RSS", "cuda_max_allocated": "CUDA max allocated",
+                "cuda_max_reserved": "CUDA max reserved"}  # the last: PEFT method-comparison imports
 
 #: Columns of ``curves_frame`` before the logged quantities (``loss``, ``lr``, ``grad_norm``, ...).
 CURVE_KEYS = ["id", "cell_key", "status", "method", "task", "suite", "model", "seed", "step"]

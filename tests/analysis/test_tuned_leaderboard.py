@@ -79,7 +79,7 @@ def test_the_chosen_value_at_an_end_of_the_range_says_so(tmp_path):
     assert "end of the searched range" in board.to_markdown()
 
 
-@pytest.mark.parametrize("where", ["results", "results/zoo"])
+@pytest.mark.parametrize("where", ["results", "results/zoo", "results/peft"])
 def test_committed_tables_rebuild_byte_for_byte_from_committed_records(where, tmp_path):
     source = REPO / where
     if not (source / "runs").is_dir():
