@@ -77,14 +77,19 @@ def experiment_name(path: str | Path) -> str:
     return "/".join(parts) or p.stem
 
 
-def training_params(path: str | Path) -> dict[str, Any]:
-    """The experiment folder's training parameters ({} for a bare adapter_config.json or a folder without them)."""
+def training_file(path: str | Path) -> Path | None:
+    """The experiment folder's training parameters file, if any (for a folder or its adapter_config.json)."""
     p = resolve_path(path)
+    if not (p.is_dir() or p.name == ADAPTER_FILE):
+        return None  # a config file on its own has no experiment folder
     folder = p if p.is_dir() else p.parent
-    for name in TRAINING_FILES:
-        if (folder / name).exists() and (p.is_dir() or p.name == ADAPTER_FILE):
-            return json.loads((folder / name).read_text())
-    return {}
+    return next((folder / n for n in TRAINING_FILES if (folder / n).exists()), None)
+
+
+def training_params(path: str | Path) -> dict[str, Any]:
+    """The experiment folder's training parameters ({} for a bare config file or a folder without them)."""
+    file = training_file(path)
+    return json.loads(file.read_text()) if file else {}
 
 
 def training_overrides(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -105,9 +110,7 @@ def training_overrides(params: dict[str, Any]) -> tuple[dict[str, Any], list[str
 
 def config_digest(path: str | Path) -> str:
     """A hash of the files a config path stands for, so that an edited file is a new cell, not a skipped one."""
-    p = resolve_path(path)
-    folder = p if p.is_dir() else p.parent
-    files = [adapter_config_file(p)] + [folder / n for n in TRAINING_FILES if (folder / n).exists() and p.is_dir()]
+    files = [adapter_config_file(path), *filter(None, [training_file(path)])]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
 

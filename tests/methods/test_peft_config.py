@@ -130,7 +130,10 @@ def test_editing_the_config_file_changes_the_cell(tmp_path):
     cfg = compose_cfg(["method=peft", f"method.config={folder}"])
     before = cell_key(cfg, cell_names(cfg))
     (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
-    assert cell_key(cfg, cell_names(cfg)) != before
+    edited = cell_key(cfg, cell_names(cfg))
+    assert edited != before
+    (folder / "training_params.json").write_text(json.dumps({"optimizer_kwargs": {"lr": 0.01}}))
+    assert cell_key(cfg, cell_names(cfg)) != edited, "the training parameters are part of the cell too"
     assert experiment_name(folder / "adapter_config.json") == experiment_name(folder) == "loha/r8"
     assert experiment_name(tmp_path / "my_tuner.json") == "my_tuner"
 
