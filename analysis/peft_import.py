@@ -46,6 +46,7 @@ def to_record(data: Mapping[str, Any], file: str = "") -> dict[str, Any]:
                              f"and train_info)")
     run, train = data["run_info"], data["train_info"]
     meta = data.get("meta_info") or {}
+    packages = meta.get("package_info") or {}
     tc = run.get("train_config") or {}
     experiment = str(run["experiment_name"])
     model = str(tc.get("model_id") or "unknown").rsplit("/", 1)[-1]
@@ -71,14 +72,14 @@ def to_record(data: Mapping[str, Any], file: str = "") -> dict[str, Any]:
         "method": f"peft/{experiment}{MARK}", "task": TASK, "model": model, "suite": None, "seed": seed,
         "source": {"kind": "peft-method-comparison", "file": Path(file).name if file else None,
                    "experiment_name": experiment, "peft_branch": run.get("peft_branch"),
-                   "accelerator": accelerator, "packages": meta.get("package_info") or {},
+                   "accelerator": accelerator, "packages": packages,
                    "raw": {k: data[k] for k in ("run_info", "train_info", "meta_info") if k in data}},
         "config": {"method": dict(run.get("peft_config") or {}), "train": dict(tc)},
         "metrics": metrics, "main_metric": MAIN_METRIC,
         "higher_is_better": {MAIN_METRIC: True, "forgetting": False},
         "eval_split": "test",
         "eval_note": (f"imported from PEFT's method comparison (trained on MetaMathQA, GSM8K test accuracy), run on "
-                      f"{accelerator} with peft {(meta.get('package_info') or {}).get('peft-version', '?')}"),
+                      f"{accelerator} with peft {packages.get('peft-version', '?')}"),
         "curve": [{"step": int(e["step"]), "loss": float(e["train loss"])} for e in valid if "train loss" in e],
         "eval_history": [{"step": int(e["step"]), "metrics": {MAIN_METRIC: float(e["valid accuracy"])}}
                          for e in valid],
@@ -90,9 +91,7 @@ def to_record(data: Mapping[str, Any], file: str = "") -> dict[str, Any]:
                  "peak_mem_bytes": train.get("accelerator_memory_max"), "peak_mem_kind": "cuda_max_reserved",
                  "optimizer_state_bytes": None, "device": accelerator, "precision": tc.get("dtype"),
                  "steps": max_steps},
-        "env": {"peft": (meta.get("package_info") or {}).get("peft-version"),
-                "transformers": (meta.get("package_info") or {}).get("transformers-version"),
-                "torch": (meta.get("package_info") or {}).get("torch-version")},
+        "env": {name: packages.get(f"{name}-version") for name in ("peft", "transformers", "torch")},
         "artifacts": {},
         "timestamps": {"created": created, "started": created, "finished": created},
         "attempts": 1, "error": None if status == "completed" else {"type": "PeftRunFailed",

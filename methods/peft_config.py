@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
@@ -184,17 +184,18 @@ class PeftConfigMethod(PeftTuner):
             if default is None:
                 raise ValueError(f"{self.config_path}: PEFT has no default target_modules for model type "
                                  f"{model_type!r}; set them in the file or with method.target_modules=[...]")
-            cfg.target_modules = set(default) if not isinstance(default, str) else default
+            cfg.target_modules = default
         if self.peft_type == "IA3" and cfg.feedforward_modules is None:  # IA³ scales these layers' inputs
-            default = _default_modules("IA3", "FEEDFORWARD", model_type) or []
-            cfg.feedforward_modules = set(default) if not isinstance(default, str) else default
+            cfg.feedforward_modules = _default_modules("IA3", "FEEDFORWARD", model_type) or set()
         return cfg
 
-    def target_layers(self, model: nn.Module, ctx: WrapContext) -> dict[str, nn.Module]:
-        """The layers PEFT's own matching rule (check_target_module_exists) adapts; none for prompt learning."""
+    def target_layers(self, model: nn.Module, ctx: WrapContext,
+                      cfg: PeftConfig | None = None) -> dict[str, nn.Module]:
+        """The layers PEFT's own matching rule (check_target_module_exists) adapts under `cfg` (default: the
+        resolved config); none for prompt learning."""
         if self.prompt_learning:
             return {}
-        cfg = self.resolved_config(model, ctx)
+        cfg = cfg or self.resolved_config(model, ctx)
         if cfg.target_modules == "all-linear":
             skip = set(ctx.head_modules) | {"lm_head"}
             return {n: m for n, m in model.named_modules()
@@ -239,7 +240,7 @@ class PeftConfigMethod(PeftTuner):
         if self.prompt_learning:
             return heads + self._prompt_count(model, cfg)
         return heads + sum(self.layer_trainable(layer, name, cfg)
-                           for name, layer in self.target_layers(model, ctx).items())
+                           for name, layer in self.target_layers(model, ctx, cfg).items())
 
     def layer_trainable(self, base: nn.Linear, name: str = "", cfg: PeftConfig | None = None) -> int:
         """Trainable parameters one Linear gets from this tuner: the tuner paper's formula (no PEFT code)."""
@@ -275,19 +276,17 @@ class PeftConfigMethod(PeftTuner):
             return tokens * 2 * model.config.num_hidden_layers * hidden
         raise NotImplementedError(f"no parameter-count formula for PEFT {cfg.peft_type.value}")
 
-    def saved_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        assert isinstance(model, PeftModel), "expects the model returned by wrap()"
-        return super().saved_parameters(model)
-
 
 def _default_modules(peft_type: str, kind: str, model_type: str | None) -> Any:
-    """PEFT's default module names of a tuner for an architecture (what get_peft_model fills in), or None."""
+    """PEFT's default module names of a tuner for an architecture (what get_peft_model fills in): a set, a regex
+    string, or None."""
     from peft.utils import constants
 
     mapping = getattr(PEFT_TYPE_TO_TUNER_MAPPING[peft_type], "target_module_mapping", None) if kind == "TARGET" else None
     if mapping is None:
         mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{peft_type}_{kind}_MODULES_MAPPING", {})
-    return mapping.get(model_type)
+    default = mapping.get(model_type)
+    return set(default) if isinstance(default, (list, tuple, set)) else default
 
 
 def _factor(dim: int, factor: int) -> tuple[int, int]:
