@@ -3,6 +3,7 @@
     python -m bench                                   # the embedded default (LoRA, SST-2, offline MiniLM)
     python -m bench +method=dora +task=glue/rte       # one cell
     python -m bench +method=lora,dora +task=glue -m   # a grid: one job per cell, GLUE suite expanded
+    python -m bench --list methods                    # the method catalogue (also tasks, models, protocols, ...)
 
 Two conveniences on top of plain Hydra, both applied to the command line before Hydra parses it:
 - `+method=X` / `+task=X` / `+model=X` (the form users type) and `method=X` (the override form) mean the same:
@@ -195,10 +196,35 @@ def _reporting_project_errors(run_and_report: Any) -> Any:
     return wrapper
 
 
+def list_group(what: str) -> str:
+    """`--list methods`: the method catalogue (bench/catalogue.py); `--list <group>`: the group's options, each with
+    the first line of its YAML's header comment."""
+    group = what[:-1] if what.endswith("s") and what[:-1] in CHECKED_GROUPS + ("claim",) else what
+    if group not in CHECKED_GROUPS + ("claim",):
+        groups = ", ".join(g + "s" for g in (*CHECKED_GROUPS, "claim"))
+        raise UnknownOptionError(f"--list {what}: nothing to list; choose one of {groups}")
+    if group == "method":
+        from bench.catalogue import entries, text_table
+
+        return text_table(entries())
+    lines = []
+    for option in group_options(group):
+        head = [line.lstrip("#").strip() for line in (CONF / group / f"{option}.yaml").read_text().splitlines()
+                if line.startswith("#") and not line.startswith("# @package")]
+        lines.append(f"{option:<28} {head[0] if head else ''}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     import hydra._internal.utils as hydra_utils
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--list":
+        try:
+            print(list_group(argv[1] if len(argv) > 1 else "methods"), end="")
+        except UnknownOptionError as e:
+            report(e)
+        return
     try:
         sys.argv = [sys.argv[0], *normalize_argv(argv)]
     except UnknownOptionError as e:

@@ -272,6 +272,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record["env"] = capture_env(device)
         task: Task = build(cfg.task, "task", names["task"])
         method: Method = build(cfg.method, "method", names["method"])
+        if task.head.kind in method.unsupported_heads:  # before the model loads: the method cannot train this head
+            raise ConfigError(f"method={names['method']} cannot train task={names['task']} (a {task.head.kind} "
+                              f"model): {method.unsupported_heads[task.head.kind]}; choose another method or task")
         record.update(main_metric=task.main_metric, higher_is_better=dict(task.higher_is_better),
                       eval_split=task.eval_split, eval_note=task.eval_note, suite=task.suite)
         task.run_dir = run_dir  # where evaluate() may leave artifacts (generated images) beside the record

@@ -58,6 +58,8 @@ class AdaLoRA(PeftTuner):
         total_steps: T when the context does not give the run's steps (WrapContext.max_steps wins).
     """
 
+    family = "rank allocation"
+
     def __init__(
         self,
         lr: float,

@@ -123,6 +123,8 @@ class BALoRA(LoRA):
         task_type: nlu, nlg, or auto (from the logits' shape).
     """
 
+    unsupported_heads = {"diffusion": "BA-LoRA regularises a model's output logits"}
+
     def __init__(
         self,
         lr: float,
@@ -177,7 +179,7 @@ class BALoRA(LoRA):
 
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
         if getattr(outputs, "logits", None) is None:
-            raise TypeError(f"BA-LoRA regularises a model's output logits; {type(outputs).__name__} has none (a "
+            raise TypeError(f"{self.unsupported_heads['diffusion']}; {type(outputs).__name__} has none (a "
                             "denoising loss, e.g. task=dreambooth). Use it on classification or language-model tasks.")
         terms = self.terms(model, batch, outputs.logits)
         self.last_terms = {n: t.detach() for n, t in terms.items()}

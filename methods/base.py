@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -70,6 +70,23 @@ class WrapContext:
     max_steps: int | None = None
 
 
+#: Method families, in the order the catalogue lists them: family -> what its members have in common.
+FAMILIES: dict[str, str] = {
+    "full": "every weight trained; the reference point",
+    "low-rank adapter": "a trained low-rank (or structured) update added to frozen weights",
+    "adapter initialisation": "LoRA started from factors of the weights or of their gradient instead of B = 0",
+    "rank allocation": "the adapter's rank changes during training or differs per layer, token or step",
+    "random bases": "frozen random bases shared across layers, only small coefficients trained",
+    "singular values": "the weights' own singular vectors kept, their spectrum (or a factor of it) trained",
+    "sparse": "a fixed sparse subset of the weights' entries trained",
+    "optimizer": "the optimizer changed (projected or equivalent-gradient Adam), the model's weights or adapters "
+                 "trained through it",
+    "layer selection": "whole blocks unfrozen a few at a time, the rest frozen",
+    "compression": "the base compressed (quantised or low-rank), the adapter recovering what it lost",
+    "peft config": "any tuner of Hugging Face PEFT, from its own config",
+}
+
+
 def _matches(name: str, targets: Sequence[str]) -> bool:
     """PEFT's suffix rule: `targets` entries match the last component(s) of a module name."""
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -90,6 +107,10 @@ class Method:
     init_equals_base: bool = True
     #: False when the update depends on the input (routers, gates): no merge, no ΔW
     mergeable: bool = True
+    #: what kind of method this is: a key of FAMILIES (the method catalogue, docs/methods.md, groups by it)
+    family: str = "low-rank adapter"
+    #: task head kinds (bench.models.LOADERS) the method cannot train, each with the reason its error gives
+    unsupported_heads: ClassVar[dict[str, str]] = {}
 
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense")) -> None:
         if not lr > 0:

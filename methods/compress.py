@@ -188,6 +188,8 @@ class CompressedLoRA(LoRA):
     after it, `compressed` is True and every target layer is a `CompressedLinear` or a frozen `nn.Linear`.
     """
 
+    family = "compression"
+
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003  (LoRA's arguments)
         super().__init__(*args, **kwargs)
         self.compressed = False

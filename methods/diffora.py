@@ -78,6 +78,8 @@ class DiffoRA(LoRA):
         inherit_weights: fine-tune from the searched (shared) weights, or from the initial ones.
     """
 
+    family = "rank allocation"
+
     def __init__(
         self,
         lr: float,

@@ -87,6 +87,8 @@ class DyLoRA(SwapMethod):
         inference_rank: the rank of the final model (evaluation, merge, ΔW); None: r.
     """
 
+    family = "rank allocation"
+
     def __init__(
         self,
         lr: float,

@@ -238,6 +238,8 @@ class FRUGAL(Full):
         reset_statistics: reset Adam's state at each refresh (the method's default).
     """
 
+    family = "optimizer"
+
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  density: float = 0.25, update_gap: int = 200, projection: str = "columns",
                  inactive_lr_scale: float = 0.1, reset_statistics: bool = True) -> None:

@@ -20,6 +20,8 @@ class Full(Method):
         target_modules: the layers whose ΔW is recorded for analysis (training touches all layers).
     """
 
+    family = "full"
+
     #: ΔW = W − W0 exists for any weight: convolutions are recorded too (as (out, in, kh, kw))
     supported_layers = (nn.Linear, nn.Conv2d)
 

@@ -219,6 +219,8 @@ class GaLore(Full):
         update_proj_gap: T, steps between subspace refreshes.
     """
 
+    family = "optimizer"
+
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  r: int = 4, alpha: float = 4.0, update_proj_gap: int = 500) -> None:
         super().__init__(lr=lr, target_modules=target_modules)

@@ -194,6 +194,8 @@ class IncreLoRA(SwapMethod):
             re-express their AdamW moments) so ΔW is unchanged; false: the reference's plain α/ρ rescale.
     """
 
+    family = "rank allocation"
+
     def __init__(
         self,
         lr: float,

@@ -127,6 +127,8 @@ class LISA(Full):
             instead of dropping it.
     """
 
+    family = "layer selection"
+
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  gamma: int = 2, interval_steps: int = 20, blocks: str | None = None,
                  keep_inactive_state: bool = False) -> None:

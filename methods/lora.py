@@ -68,6 +68,11 @@ class LoRA(Method):
         self.init, self.use_dora, self.use_rslora = init, bool(use_dora), bool(use_rslora)
 
     @property
+    def family(self) -> str:  # type: ignore[override]
+        """PiSSA and OLoRA (init from W0's factors) are initialisations; LoRA, DoRA, rsLoRA are adapters."""
+        return "adapter initialisation" if self.init in ("pissa", "olora") else "low-rank adapter"
+
+    @property
     def supported_layers(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
         """nn.Linear; nn.Conv2d too for this class with PEFT's default or gaussian init (see the class docstring)."""
         conv = type(self) is LoRA and self.init in ("default", "gaussian")

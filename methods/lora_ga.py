@@ -62,6 +62,8 @@ class LoRAGA(LoRA):
         (the rest as LoRA)
     """
 
+    family = "adapter initialisation"
+
     def __init__(
         self,
         lr: float,

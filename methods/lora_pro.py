@@ -183,6 +183,8 @@ class LoRAPro(LoRA):
         (the rest as LoRA; init is LoRA's default, B = 0, and DoRA is not supported)
     """
 
+    family = "optimizer"
+
     def __init__(
         self,
         lr: float,

@@ -91,6 +91,8 @@ class LoRASB(SwapMethod):
         total_steps: the training run's optimizer steps, for η_eff (the YAML interpolates train.max_steps).
     """
 
+    family = "adapter initialisation"
+
     init_equals_base = False
     #: s = α/r with α = r (the reference), fixed
     scaling = 1.0

@@ -271,6 +271,8 @@ class LQLoRA(LoRA):
             choice and 3× faster here; None for the exact SVD.
     """
 
+    family = "compression"
+
     init_equals_base = False
 
     def __init__(

@@ -150,6 +150,8 @@ class PeftConfigMethod(PeftTuner):
             UNet), these: the model's own default (model.target_modules).
     """
 
+    family = "peft config"
+
     def __init__(self, lr: float, config: str, target_modules: Sequence[str] | None = None,
                  fallback_target_modules: Sequence[str] | None = None) -> None:
         self.config = load_peft_config(config)

@@ -67,6 +67,8 @@ class VeRA(PeftTuner):
         dropout: dropout on the adapter input.
     """
 
+    family = "random bases"
+
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  r: int = 1024, d_initial: float = 0.1, projection_prng_key: int = 0, dropout: float = 0.0) -> None:
         super().__init__(lr=lr, target_modules=target_modules)
@@ -101,6 +103,8 @@ class RandLoRA(PeftTuner):
         sparse: ternary sparse bases (the paper's sparse variant).
         dropout: dropout on the adapter input.
     """
+
+    family = "random bases"
 
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  r: int = 32, alpha: float = 640.0, projection_prng_key: int = 0, sparse: bool = False,

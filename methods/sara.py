@@ -96,6 +96,8 @@ class SaRA(SwapMethod):
         total_steps: the run's optimizer steps (the YAML interpolates train.max_steps).
     """
 
+    family = "sparse"
+
     def __init__(
         self,
         lr: float,

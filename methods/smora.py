@@ -113,6 +113,8 @@ class SMoRA(SwapMethod):
         bias_update_rate: u, the step of the load-balancing bias β.
     """
 
+    family = "rank allocation"
+
     init_equals_base = True
     mergeable = False
 

@@ -134,6 +134,8 @@ class SoRA(SwapMethod):
         gate_lr: learning rate of the gates; None uses lr (the reference's `sparse_lr` default).
     """
 
+    family = "rank allocation"
+
     def __init__(
         self,
         lr: float,

@@ -172,6 +172,8 @@ class NOLA(SwapMethod):
         l: number of random bases (and coefficients β) of B.
     """
 
+    family = "random bases"
+
     def __init__(self, lr: float, target_modules: Sequence[str] = DEFAULT_TARGETS, r: int = 8, alpha: float = 8.0,
                  k: int = 512, l: int = 512) -> None:
         super().__init__(lr=lr, target_modules=target_modules)

@@ -86,6 +86,8 @@ class SVFit(SwapMethod):
         r: singular values trained per layer (the top r); null trains all min(m, n).
     """
 
+    family = "singular values"
+
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  r: int | None = None) -> None:
         super().__init__(lr=lr, target_modules=target_modules)
@@ -174,6 +176,8 @@ class SALT(SwapMethod):
         reg_weight: weight of the regulariser added to the loss (0 disables it).
     """
 
+    family = "singular values"
+
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  ratio: float = 0.1, r_lora: int = 4, reg_weight: float = 0.0) -> None:
         super().__init__(lr=lr, target_modules=target_modules)
@@ -260,6 +264,8 @@ class LoLDU(SwapMethod):
         r: directions kept per layer (the first r pivots); null keeps all min(m, n).
         alpha: scaling numerator, s = alpha / r (r per layer after capping at min(m, n)).
     """
+
+    family = "singular values"
 
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
                  r: int | None = None, alpha: float = 1.0) -> None:

@@ -149,6 +149,8 @@ class TriAdaptLoRA(SwapMethod):
             re-express its AdamW moments) so ΔW is unchanged; false: the public code's plain α/ρ rescale.
     """
 
+    family = "rank allocation"
+
     def __init__(
         self,
         lr: float,
