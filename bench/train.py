@@ -159,8 +159,9 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's per-parameter state (Adam moments, projection matrices, ...)."""
-    total = 0
+    """Bytes of every tensor in the optimizer's per-parameter state (Adam moments, projection matrices, ...), plus
+    the tensors it shares between parameters where it lists them (`shared_tensors`, e.g. a fixed DCT basis)."""
+    total = sum(t.numel() * t.element_size() for t in getattr(optimizer, "shared_tensors", ()))
     for state in optimizer.state.values():
         for value in state.values() if isinstance(state, dict) else ():
             if torch.is_tensor(value):

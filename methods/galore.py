@@ -87,6 +87,24 @@ def svd_projector(grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
     return (vh[:rank] if right else u[:, :rank]).contiguous()  # (rank, n) or (m, rank)
 
 
+def dct_basis(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The orthonormal DCT-II basis of R^size as the columns of Q (size, size): Q[j, k] = c_k·cos(π·k·(2j+1)/(2·size)),
+    c_0 = √(1/size), c_k = √(2/size); QᵀQ = I. Built in float64, then cast."""
+    j = torch.arange(size, dtype=torch.float64)[:, None]  # (size, 1) sample index
+    k = torch.arange(size, dtype=torch.float64)[None, :]  # (1, size) frequency
+    q = torch.cos(torch.pi * k * (2 * j + 1) / (2 * size)) * (2.0 / size) ** 0.5  # (size, size)
+    q[:, 0] /= 2**0.5
+    return q.to(device=device, dtype=dtype)
+
+
+def dct_select(grad: torch.Tensor, basis: torch.Tensor, rank: int, right: bool, norm: float) -> torch.Tensor:
+    """The `rank` basis columns most aligned with the gradient G (m×n): the largest ℓ_norm norms of the columns of
+    G·Q (right, Q n×n) or of the rows of Qᵀ·G (left, Q m×m). One matmul and a top-k, no decomposition."""
+    g = grad.to(basis.dtype)
+    scores = (g @ basis).norm(p=norm, dim=0) if right else (basis.mT @ g).norm(p=norm, dim=1)  # (n,) or (m,)
+    return torch.topk(scores, rank, sorted=True).indices  # (rank,)
+
+
 def project_down(grad: torch.Tensor, proj: torch.Tensor, right: bool) -> torch.Tensor:
     """R = G·Pᵀ (m, r) with P = V_rᵀ (r, n), or R = Pᵀ·G (r, n) with P = U_r (m, r)."""
     return grad @ proj.mT if right else proj.mT @ grad  # (m, r) or (r, n)
@@ -116,25 +134,35 @@ class GaLoreAdamW(torch.optim.Optimizer):
     kept across subspace refreshes and the step counter is not reset, as in the reference. All state (the projector
     P, the moments, the step) is in self.state[p], so state_dict()/load_state_dict() round-trips it.
 
+    A group with `projection="dct"` chooses P without an SVD (the SVD-free variant, arXiv 2505.17967): P is r
+    columns of the fixed orthonormal DCT basis Q of the reduced side, those whose ℓ_p alignment with G_t is largest
+    (dct_select); only their indices are per-parameter state, and Q is built once per size and shared by every
+    weight of that size (`shared_tensors`, counted by bench.train.optimizer_state_bytes).
+
     Args:
         params: parameters or groups; a group's `rank`, `scale` (α) and `update_proj_gap` (T) override the defaults.
         lr, betas, eps, weight_decay: AdamW's (decoupled weight decay, on the full weight).
         rank: r of projected groups; None (the default) leaves a group unprojected.
         scale: α, the multiplier of the projected update.
         update_proj_gap: T, the steps between subspace refreshes.
+        projection: "svd" (GaLore) or "dct" (columns of the DCT basis chosen by alignment with the gradient).
+        align_norm: p of the ℓ_p norm that ranks the DCT columns (the reference's default: 1).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rank: int | None = None, scale: float = 1.0,
-                 update_proj_gap: int = 200) -> None:
+                 update_proj_gap: int = 200, projection: str = "svd", align_norm: float = 1.0) -> None:
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
             raise ValueError(f"need lr, eps, weight_decay >= 0; got {lr}, {eps}, {weight_decay}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, scale=scale,
-                        update_proj_gap=update_proj_gap)
+                        update_proj_gap=update_proj_gap, projection=projection, align_norm=align_norm)
         super().__init__(params, defaults)
+        self._bases: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # the shared DCT bases
         for group in self.param_groups:
+            if group["projection"] not in ("svd", "dct"):
+                raise ValueError(f"projection must be svd or dct, got {group['projection']!r}")
             if group["rank"] is not None:
                 if int(group["rank"]) < 1 or int(group["update_proj_gap"]) < 1:
                     raise ValueError(f"need rank >= 1 and update_proj_gap >= 1, got {group['rank']}, "
@@ -142,6 +170,31 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.ndim != 2:
                         raise ValueError(f"GaLore projects 2-D weights only, got a {p.ndim}-D parameter")
+
+    @property
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Tensors the optimizer holds once for many parameters (the DCT bases), outside the per-parameter state."""
+        return list(self._bases.values())
+
+    def basis(self, size: int, like: torch.Tensor) -> torch.Tensor:
+        key = (size, like.dtype, like.device)
+        if key not in self._bases:
+            self._bases[key] = dct_basis(size, like.dtype, like.device)
+        return self._bases[key]
+
+    def projector(self, group: dict[str, Any], state: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                  right: bool, refresh: bool) -> torch.Tensor:
+        """P for this step: V_rᵀ (r, n) or U_r (m, r), from the SVD of G (svd) or the chosen DCT columns (dct)."""
+        rank = min(int(group["rank"]), *p.shape)
+        if group["projection"] == "svd":
+            if refresh:
+                state["projector"] = svd_projector(grad, rank, right).to(p.dtype)  # (r, n) or (m, r)
+            return state["projector"]
+        basis = self.basis(p.shape[1] if right else p.shape[0], p)  # (n, n) or (m, m)
+        if refresh:
+            state["indices"] = dct_select(grad, basis, rank, right, float(group["align_norm"]))  # (r,)
+        columns = basis[:, state["indices"]]  # (n, r) or (m, r)
+        return columns.mT if right else columns  # (r, n) or (m, r)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -164,10 +217,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 right = projects_right(p.shape)
                 if not state:
                     state["step"] = 0
-                if state["step"] % int(group["update_proj_gap"]) == 0:  # refresh the subspace from this gradient
-                    rank = min(int(group["rank"]), *p.shape)
-                    state["projector"] = svd_projector(grad, rank, right).to(p.dtype)  # (r, n) or (m, r)
-                proj = state["projector"]
+                refresh = state["step"] % int(group["update_proj_gap"]) == 0  # a new subspace from this gradient
+                proj = self.projector(group, state, p, grad, right, refresh)  # (r, n) or (m, r)
                 low = project_down(grad, proj, right)  # (m, r) or (r, n)
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(low)  # (m, r) or (r, n)
@@ -238,4 +289,55 @@ class GaLore(Full):
         groups = projected_param_groups(
             self, model, weight_decay, target_weights(model, self._targets),
             {"rank": self.r, "scale": self.alpha, "update_proj_gap": self.update_proj_gap})
+        return GaLoreAdamW(groups, lr=self.lr, betas=betas, eps=eps)
+
+
+class DCTAdamW(GaLore):
+    """SVD-free GaLore: W ← W − lr·α·P·Adam(PᵀG) with P = the r columns of a fixed orthonormal DCT basis Q most
+    aligned with G (largest ℓ1 norms of G·Q's columns, or of Qᵀ·G's rows), re-chosen every T steps; AdamW elsewhere.
+
+    Modoranu, Safaryan, Schultheis, Alistarh, "SVD-Free Low-Rank Adaptive Gradient Optimization for Large Language
+    Models", arXiv 2505.17967 (v1; later versions are titled "FFT-based Dynamic Subspace Selection for Low-Rank
+    Adaptive Optimization of Large Language Models"); reference IST-DASLab/ISTA-DASLab-Optimizers @
+    4273852f02324074555685cf276835a2fff9f7fd (ista_daslab_optimizers/fft_low_rank/dct_adamw.py, fft_projector.py,
+    utils/dct.py).
+
+    Everything but the choice of P is GaLore's (the class above, and GaLoreAdamW with projection="dct"): the same
+    side (right, G·P, when m ≥ n; left, Pᵀ·G, when m < n), the same Adam on the r-dimensional projection with its
+    moments kept across refreshes, the same scale α. Choosing P costs one matmul with Q and a top-k instead of an
+    SVD; the state per target weight is its r indices and the m×r (or r×n) moments, and one Q (n×n) per distinct
+    reduced size is shared by all weights of that size.
+
+    Where this follows or leaves the reference:
+    - Q's columns are the DCT-II cosine vectors (the reference's Makhoul/FFT path, whose similarity is the DCT-II of
+      G's rows); its matmul path uses the transposed matrix, whose columns are the DCT-III vectors. Both are
+      orthonormal bases; the cosine vectors are the "DCT basis" of the paper's text.
+    - Alignment by the ℓ1 norm (the reference's default ell_norm=1), top-r by torch.topk.
+    - Not implemented: the reference's optional rotation of the moments into the new subspace and its error-feedback
+      buffer (both off by default there, and not part of the v1 paper); its rule that sends very large matrices
+      (either side ≥ 32,000, embeddings and LM heads) to plain AdamW: here only the target_modules are projected.
+    - T, r and α default to GaLore's GLUE values in this suite, so the two differ only in how P is found.
+
+    Args:
+        lr: learning rate (the projected update is further multiplied by alpha).
+        target_modules: the layers whose weight is trained through the projection.
+        r: number of DCT columns (rank of the projection).
+        alpha: the scale α of the projected update.
+        update_proj_gap: T, steps between re-choosing the columns.
+        align_norm: p of the ℓ_p norm that ranks the columns (the reference's default 1).
+    """
+
+    def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"),
+                 r: int = 4, alpha: float = 4.0, update_proj_gap: int = 500, align_norm: float = 1.0) -> None:
+        super().__init__(lr=lr, target_modules=target_modules, r=r, alpha=alpha, update_proj_gap=update_proj_gap)
+        if not align_norm > 0:
+            raise ValueError(f"align_norm must be > 0, got {align_norm}")
+        self.align_norm = float(align_norm)
+
+    def make_optimizer(self, model: nn.Module, weight_decay: float = 0.0,
+                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        groups = projected_param_groups(
+            self, model, weight_decay, target_weights(model, self._targets),
+            {"rank": self.r, "scale": self.alpha, "update_proj_gap": self.update_proj_gap, "projection": "dct",
+             "align_norm": self.align_norm})
         return GaLoreAdamW(groups, lr=self.lr, betas=betas, eps=eps)
