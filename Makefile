@@ -1,12 +1,13 @@
 # Two commands set up and run everything on a fresh machine:
-#   make demo   install, run the tuned default grid, write results/leaderboard.{md,csv,html} and results/tuning.md
+#   make demo   install, run the tuned default grid, write results/leaderboard.{md,csv,html}, results/tuning.md and
+#               results/explorer.html
 #   make test   install, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test leaderboard intruders clean slurm
+.PHONY: install demo test leaderboard intruders clean slurm browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,7 @@ demo: install
 	$(BIN)/python -m bench +experiment=demo -m
 	$(BIN)/python -m analysis leaderboard
 	$(BIN)/python -m analysis tuning
+	$(BIN)/python -m analysis explore
 
 leaderboard: install
 	$(BIN)/python -m analysis leaderboard
@@ -48,9 +50,20 @@ slurm:
 		echo "make slurm: not root or no apt-get: the slurm tests will be skipped"; \
 	fi
 
+# Debian's Chromium for the explorer's browser test (tests/analysis/test_explorer.py), installed when this runs as
+# root on a machine with apt-get; elsewhere that test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" -eq 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	else \
+		echo "make browser: not root or no apt-get: the explorer's browser test will be skipped"; \
+	fi
+
 # One worker per core, one test file per worker (the SLURM tests share one cluster), one torch thread per worker:
 # on 2 cores 10 min instead of 15 serially.
-test: install slurm
+test: install slurm browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile
 
 clean:

@@ -7,6 +7,7 @@
     python -m analysis figure --list
     python -m analysis tuning      [--results results] [--out DIR]
     python -m analysis claims      [--results-root .] [--out results/claims]
+    python -m analysis explore     [--results results] [--out <results>/explorer.html]
 """
 
 from __future__ import annotations
@@ -290,6 +291,14 @@ def _claims(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explore(args: argparse.Namespace) -> int:
+    """explorer.html: the leaderboard, Pareto plots and curves in one standalone page."""
+    from analysis.explorer import write_explorer
+
+    _print_paths([write_explorer(args.results, args.out)])
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -333,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     results_arg(tuning)
     tuning.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
     tuning.set_defaults(func=_guarded(_tuning))
+
+    explore = commands.add_parser("explore", help="explorer.html: sortable leaderboard, Pareto plots, curves (one file)")
+    results_arg(explore)
+    explore.add_argument("--out", type=Path, default=None, help="output file (default: <results>/explorer.html)")
+    explore.set_defaults(func=_guarded(_explore))
 
     imp = commands.add_parser("import-peft", help="PEFT method-comparison result JSONs -> records (marked as PEFT's)")
     imp.add_argument("source", type=Path, help="a result JSON or a folder of them (method_comparison/MetaMathQA/results)")
