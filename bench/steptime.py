@@ -6,7 +6,9 @@ Grid cells run one after another, so their step times also measure whatever else
 every method is set up as a run would set it up (same config composition, prepare, calibrate, optimizer and
 schedule), then the steps are interleaved: each round runs one step of every method, in a fresh random order, and
 the time of each step is divided by LoRA's step of the same round. Medians over rounds of those ratios are robust
-to load that drifts during the measurement; absolute medians are printed beside them for reference only.
+to load that drifts during the measurement, and each comes with a percentile-bootstrap 95% CI; absolute medians are
+printed beside them for reference only. Threads are pinned (--threads, default 1); --ci-width W keeps measuring
+until every CI is at most W wide (or --time-cap seconds have passed).
 Writes <out>.csv and <out>.md.
 """
 
@@ -18,6 +20,7 @@ import os
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bench.models import load_model
+from bench.overhead import bootstrap_median_ci
 from bench.run import build, calibration_batches, resolve_device, seed_everything, train_loader
 from bench.train import Trainer, optimizer_state_bytes
 from methods.base import WrapContext
@@ -51,26 +55,52 @@ def setup(method_name: str, overrides: list[str]) -> Trainer:
                    autocast_dtype)
 
 
-def measure(trainers: dict[str, Trainer], steps: int, warmup: int, seed: int = 0) -> pd.DataFrame:
-    """Interleaved rounds; per method the median step time and the median of its per-round ratio to LoRA."""
+def measure(trainers: dict[str, Trainer], steps: int, warmup: int, seed: int = 0, ci_width: float | None = None,
+            time_cap: float | None = None) -> pd.DataFrame:
+    """Interleaved rounds; per method the median step time and the median of its per-round ratio to LoRA with a
+    percentile-bootstrap 95% CI. With `ci_width`, rounds go on past `steps` (in blocks of `steps`) until every CI is at
+    most that wide or `time_cap` seconds have passed."""
     order, times = random.Random(seed), {name: [] for name in trainers}
-    for round_index in range(warmup + steps):
-        names = list(trainers)
-        order.shuffle(names)
-        for name in names:
-            seconds = trainers[name].step().seconds
-            if round_index >= warmup:
-                times[name].append(seconds)
+    start = time.perf_counter()
+
+    def run_rounds(count: int, measured: bool) -> None:
+        for _ in range(count):
+            names = list(trainers)
+            order.shuffle(names)
+            for name in names:
+                seconds = trainers[name].step().seconds
+                if measured:
+                    times[name].append(seconds)
+
+    def widest() -> float:
+        if REFERENCE not in times:
+            return 0.0
+        widths = [high - low for name, ts in times.items() if name != REFERENCE
+                  for low, high in [bootstrap_median_ci(ratios(ts, times[REFERENCE]), seed=seed)]]
+        return max(widths, default=0.0)
+
+    run_rounds(warmup, measured=False)
+    run_rounds(steps, measured=True)
+    while ci_width is not None and widest() > ci_width and (time_cap is None or time.perf_counter() - start < time_cap):
+        run_rounds(steps, measured=True)
     rows = []
     for name, ts in times.items():
-        row = {"method": name, "step_s_median": statistics.median(ts),
+        row = {"method": name, "rounds": len(ts), "step_s_median": statistics.median(ts),
                "step_s_iqr": float(pd.Series(ts).quantile(0.75) - pd.Series(ts).quantile(0.25)),
                "optimizer_state_bytes": optimizer_state_bytes(trainers[name].optimizer),
                "trainable": sum(p.numel() for p in trainers[name].method.trainable_parameters(trainers[name].model).values())}
         if REFERENCE in times:
-            row[f"vs_{REFERENCE}_median"] = statistics.median(t / r for t, r in zip(ts, times[REFERENCE]))
+            per_round = ratios(ts, times[REFERENCE])
+            low, high = bootstrap_median_ci(per_round, seed=seed)
+            row.update({f"vs_{REFERENCE}_median": statistics.median(per_round),
+                        f"vs_{REFERENCE}_ci95_low": low, f"vs_{REFERENCE}_ci95_high": high})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def ratios(times: list[float], reference: list[float]) -> list[float]:
+    """Each round's step time over the reference method's step of the same round."""
+    return [t / r for t, r in zip(times, reference)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="measured rounds (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured first rounds (default 3)")
     parser.add_argument("--out", type=Path, default=Path("results/steptime"), help="output stem (.csv, .md)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, pinned for the whole run (default 1)")
+    parser.add_argument("--ci-width", type=float, default=None,
+                        help="go on in blocks of --steps rounds until every ratio's 95%% CI is at most this wide")
+    parser.add_argument("--time-cap", type=float, default=600.0, help="seconds after which --ci-width gives up (600)")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
     names = [m for m in args.methods.split(",") if m]
     unknown = [m for m in names if not (CONF / "method" / f"{m}.yaml").is_file()]
     if unknown:
@@ -89,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         log.info("setting up %s", name)
         trainers[name] = setup(name, ["progress=false", *overrides])
-    table = measure(trainers, args.steps, args.warmup)
+    table = measure(trainers, args.steps, args.warmup, ci_width=args.ci_width, time_cap=args.time_cap)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out.with_suffix(".csv"), index=False)
     command = " ".join(["python -m bench.steptime", *(argv if argv is not None else sys.argv[1:])])
-    header = (f"Step time measured side by side (interleaved rounds, random order each round), {args.steps} rounds "
-              f"after {args.warmup} warm-up rounds; torch threads {torch.get_num_threads()}, "
+    header = (f"Step time measured side by side (interleaved rounds, random order each round), "
+              f"{int(table['rounds'].iloc[0])} rounds after {args.warmup} warm-up rounds; vs_{REFERENCE}: the median of "
+              f"the per-round ratios with its percentile-bootstrap 95% CI; torch threads {torch.get_num_threads()}, "
               f"load average at the end {os.getloadavg()[0]:.2f}.\n\n`{command}`\n\n")
     args.out.with_suffix(".md").write_text(header + table.to_markdown(index=False, floatfmt=".3g") + "\n")
     print(header + table.to_markdown(index=False, floatfmt=".3g"))

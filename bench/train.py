@@ -205,17 +205,21 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps))
         self.data = batches(loader)
         self.step_index = 0
+        model.train()  # every module (a wrapper such as PEFT's may sit in train mode around a base left in eval)
 
     def step(self) -> StepResult:
         model, method, cfg, device, step = self.model, self.method, self.cfg, self.device, self.step_index
-        model.train()
+        if not model.training:  # the walk over every module again only after an evaluation left the model in eval
+            model.train()
         t0 = time.perf_counter()
         method.on_step_begin(model, step)
 
         # forward / backward over grad_accum micro-batches
-        step_loss, step_tokens = 0.0, 0
+        losses, step_tokens = [], 0
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(self.data).items()}
+            host = next(self.data)
+            step_tokens += int(host["attention_mask"].sum()) if "attention_mask" in host else 0  # on the host: no sync
+            batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
             with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 outputs = model(**batch)
                 loss = outputs.loss
@@ -223,8 +227,8 @@ class Trainer:
                 if extra is not None:
                     loss = loss + extra
             (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            losses.append(loss.detach())
+        step_loss = (torch.stack(losses).double().sum() / cfg.grad_accum).item()  # one device sync per step
         if not math.isfinite(step_loss):
             raise Diverged(step, step_loss)
 
