@@ -107,6 +107,9 @@ class Method:
     init_equals_base: bool = True
     #: False when the update depends on the input (routers, gates): no merge, no ΔW
     mergeable: bool = True
+    #: True when post_train turns the trained model into a different one that is scored and exported (LoRAM's
+    #: recovery from the pruned model): the shared checklist then runs post_train before its merge and ΔW checks
+    rebuilds_in_post_train: bool = False
     #: what kind of method this is: a key of FAMILIES (the method catalogue, docs/methods.md, groups by it)
     family: str = "low-rank adapter"
     #: task head kinds (bench.models.LOADERS) the method cannot train, each with the reason its error gives

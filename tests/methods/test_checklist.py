@@ -19,6 +19,12 @@ def t(request):
 
 
 
+def rebuild(method, model, t) -> None:
+    """The model a method scores and exports: after post_train where the method rebuilds it there (LoRAM)."""
+    if getattr(method, "rebuilds_in_post_train", False):
+        method.post_train(model, t.ctx)
+
+
 def test_init_equals_base(t):
     method, model = wrapped(t)
     if not getattr(method, "init_equals_base", True):
@@ -40,6 +46,7 @@ def test_training_changes_delta_and_merged_equals_unmerged(t):
     deltas0 = method.delta_weights(model)
     assert set(deltas0) == set(method.target_layers(t.base, t.ctx))
     train_steps(model, method, t.loader, steps=3)
+    rebuild(method, model, t)
     deltas = method.delta_weights(model)
     assert any(d.abs().max() > 0 for d in deltas.values()), "training left every ΔW at zero"
     for name, d in deltas.items():
@@ -77,6 +84,7 @@ def test_delta_weights_match_the_merged_model(t):
     if not getattr(method, "mergeable", True):
         pytest.skip(f"{type(method).__name__} is not mergeable (input-dependent update)")
     train_steps(model, method, t.loader, steps=3)
+    rebuild(method, model, t)
     deltas = method.delta_weights(model)
     merged = method.merge(copy.deepcopy(model))
     for name, d in deltas.items():
