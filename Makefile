@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test leaderboard intruders clean slurm browser
+.PHONY: install demo test leaderboard tables intruders clean slurm browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ demo: install
 
 leaderboard: install
 	$(BIN)/python -m analysis leaderboard
+
+# every committed table, report and page that is built from records, rebuilt (after new zoo records land); the tests
+# check each against a rebuild (tests/analysis/test_tuned_leaderboard.py, test_explorer.py, tests/bench/test_catalogue.py)
+tables: install
+	$(BIN)/python -m analysis leaderboard --results results/zoo
+	$(BIN)/python -m analysis tuning --results results/zoo
+	$(BIN)/python -m analysis claims
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.catalogue
+	$(BIN)/python -m analysis explore --results results/zoo
+	$(BIN)/python -m analysis explore
 
 # issue-9 grid: full fine-tuning vs LoRA r=1, r=8 (lr 3e-3, 800 steps), 2 seeds; intruder report and every figure
 intruders: install

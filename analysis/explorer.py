@@ -73,7 +73,9 @@ def curves(records: list[dict[str, Any]], keys: set[str]) -> dict[str, list[dict
 
     out: dict[str, list[dict[str, Any]]] = {}
     reported = [r for r in records if (r.get("tuning") or {}).get("role") != "trial" and r.get("status") == "completed"]
-    for r in sorted(label_variants(reported), key=lambda r: (str(r.get("method")), str(r.get("task")), r.get("seed") or 0)):
+    order = sorted(label_variants(reported),
+                   key=lambda r: (str(r.get("method")), str(r.get("task")), r.get("seed") or 0))
+    for r in order:
         key = f"{r.get('method')}|{r.get('model')}|{r.get('task')}"
         if key not in keys:
             continue
@@ -109,8 +111,9 @@ def build_html(results_dir: Path, title: str | None = None) -> str:
     records, _ = require_records(results_dir)
     methods = method_info()
     table = rows(board.summary, methods)
+    shown = {r["base"] for r in table}
     data = {
-        "rows": table, "methods": methods, "curves": curves(records, {r["key"] for r in table}),
+        "rows": table, "methods": {k: v for k, v in methods.items() if k in shown}, "curves": curves(records, {r["key"] for r in table}),
         "about": (f"{len(table)} method × model × task rows from {board.records_read} records "
                   f"({board.trial_records} tuning trials left out); scores are the dev-set means over seeds with "
                   "their 95% t-interval, as in leaderboard.md beside this file, which has the significance tests. "

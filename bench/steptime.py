@@ -88,7 +88,8 @@ def measure(trainers: dict[str, Trainer], steps: int, warmup: int, seed: int = 0
         row = {"method": name, "rounds": len(ts), "step_s_median": statistics.median(ts),
                "step_s_iqr": float(pd.Series(ts).quantile(0.75) - pd.Series(ts).quantile(0.25)),
                "optimizer_state_bytes": optimizer_state_bytes(trainers[name].optimizer),
-               "trainable": sum(p.numel() for p in trainers[name].method.trainable_parameters(trainers[name].model).values())}
+               "trainable": sum(p.numel() for p in
+                                trainers[name].method.trainable_parameters(trainers[name].model).values())}
         if REFERENCE in times:
             per_round = ratios(ts, times[REFERENCE])
             low, high = bootstrap_median_ci(per_round, seed=seed)
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     table.to_csv(args.out.with_suffix(".csv"), index=False)
     command = " ".join(["python -m bench.steptime", *(argv if argv is not None else sys.argv[1:])])
     header = (f"Step time measured side by side (interleaved rounds, random order each round), "
-              f"{int(table['rounds'].iloc[0])} rounds after {args.warmup} warm-up rounds; vs_{REFERENCE}: the median of "
-              f"the per-round ratios with its percentile-bootstrap 95% CI; torch threads {torch.get_num_threads()}, "
+              f"{int(table['rounds'].iloc[0])} rounds after {args.warmup} warm-up rounds; vs_{REFERENCE}: the median "
+              f"of the per-round ratios with its percentile-bootstrap 95% CI; torch threads {torch.get_num_threads()}, "
               f"load average at the end {os.getloadavg()[0]:.2f}.\n\n`{command}`\n\n")
     args.out.with_suffix(".md").write_text(header + table.to_markdown(index=False, floatfmt=".3g") + "\n")
     print(header + table.to_markdown(index=False, floatfmt=".3g"))

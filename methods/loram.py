@@ -12,6 +12,7 @@ from methods.base import WrapContext, head_parameter_count
 from methods.structured_lora import DEFAULT_TARGETS, _generator, _kaiming_uniform, stable_seed
 from methods.swap import AdaptedLinear, SwapMethod, _set_submodule
 
+Index = torch.Tensor | None  # kept rows or columns of a pruned layer; None: all of them
 #: feed-forward blocks whose hidden neurons structured pruning removes: (up projections, down projection) suffixes
 FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("intermediate.dense",), "output.dense"),  # BERT, ViT
@@ -122,7 +123,8 @@ class LoRAM(SwapMethod):
             raise ValueError(f"LoRAM importance must be magnitude or random, got {importance!r}")
         if not 0.0 <= ratio < 1.0 or r < 1:
             raise ValueError(f"LoRAM needs 0 <= ratio < 1 and r >= 1, got ratio={ratio}, r={r}")
-        self.r, self.alpha, self.prune, self.ratio, self.importance = int(r), float(alpha), prune, float(ratio), importance
+        self.r, self.alpha, self.prune, self.ratio = int(r), float(alpha), prune, float(ratio)
+        self.importance = importance
         self._originals: dict[str, nn.Linear] = {}  # pruned layer -> its full copy, on the CPU until recovery
 
     @property
@@ -162,7 +164,7 @@ class LoRAM(SwapMethod):
             score = score + model.get_submodule(up).weight.detach().float().pow(2).sum(1)  # (hidden,) up rows
         return torch.topk(score, keep).indices.sort().values.to(model.get_submodule(down).weight.device)
 
-    def pruned_shapes(self, model: nn.Module, seed: int) -> dict[str, tuple[tuple[int, int], torch.Tensor | None, torch.Tensor | None]]:
+    def pruned_shapes(self, model: nn.Module, seed: int) -> dict[str, tuple[tuple[int, int], Index, Index]]:
         """{layer: (its pruned (out, in) shape, kept rows, kept columns)} for every layer structured pruning shrinks."""
         out = {}
         if self.prune != "structured":
