@@ -54,6 +54,10 @@ NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "e
 NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"), ("model", "target_modules"),
                             ("tune", "study"), ("tune", "storage"), ("tune", "trial_id"), ("tune", "sharpness"),
                             ("tune", "effort_file"))
+# Keys added after records existed, left out of the cell key while they hold the value every earlier run had, so
+# adding a key never orphans a committed record; set to anything else, they enter the key like every other key.
+# (group, key) -> that value. A key whose default changes the result must not be listed here.
+KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False}
 #: Statuses that end a cell: a rerun skips it unless force=true (a pruned trial is a finished trial).
 FINAL_STATUSES = ("completed", "pruned")
 #: the method that reads a PEFT config file (its file's contents and training parameters enter the cell)
@@ -73,7 +77,8 @@ def cell_names(cfg: DictConfig, choices: Any = None) -> dict[str, str]:
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without the keys that do not change a result (NON_SEMANTIC_KEYS and _NESTED_KEYS).
+    """The resolved config without the keys that do not change a result (NON_SEMANTIC_KEYS and _NESTED_KEYS) and
+    without the keys added later while they hold their earlier value (KEYS_ADDED_LATER).
 
     A method configured by a file (method=peft method.config=PATH) keys on the file's contents too, so that an
     edited adapter_config.json is a new cell rather than a skipped one.
@@ -83,6 +88,10 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
     for group, key in NON_SEMANTIC_NESTED_KEYS:
         if isinstance(semantic.get(group), dict):
             semantic[group] = {k: v for k, v in semantic[group].items() if k != key}
+    for (group, key), earlier in KEYS_ADDED_LATER.items():
+        node = semantic.get(group)
+        if isinstance(node, dict) and key in node and node[key] == earlier:
+            del node[key]
     method = semantic.get("method")
     if isinstance(method, dict) and method.get("_target_") == PEFT_CONFIG_TARGET:
         from methods.peft_config import config_digest

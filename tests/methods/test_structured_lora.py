@@ -309,3 +309,36 @@ def test_wara_counts_half_of_lora_and_rejects_odd_sizes():
     method = WaRA(lr=1e-3, target_modules=["fc"], r=2)
     with pytest.raises(ValueError, match="odd in_features=5"):
         method.prepare(one_layer_model(5, 4), WrapContext())
+
+
+def test_nola_stored_bases_give_the_same_layer_output_and_gradients():
+    """store_bases=True keeps the very bases the regenerating path redraws: same output, same coefficient gradients."""
+    regen = nola_layer()
+    randomize(regen)
+    stored = NOLALinear(copy.deepcopy(regen.base), regen.r, regen.scaling * regen.r, regen.basis_a.count,
+                        regen.basis_b.count, seed=regen.seed, store_bases=True)
+    stored.load_state_dict(regen.state_dict())
+    assert "stored_a" not in stored.state_dict(), "the kept bases are regenerated, never saved"
+    x, w = torch.randn(5, 12), torch.randn(5, 10)
+    for layer in (regen, stored):
+        (layer(x) * w).sum().backward()
+    torch.testing.assert_close(stored(x), regen(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stored.alpha.grad, regen.alpha.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stored.beta.grad, regen.beta.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_key_added_later_keeps_earlier_cells_at_its_old_value():
+    """method.store_bases (bench.run.KEYS_ADDED_LATER): at false, NOLA's cell key is the one its records were made
+    under before the key existed; set to true, it is a new cell."""
+    from omegaconf import OmegaConf
+
+    from bench.run import cell_key
+    from tests.helpers import compose_cfg
+
+    names = {"method": "nola", "task": "glue/sst2", "model": "minilm"}
+    cfg = compose_cfg(["method=nola"])
+    before = OmegaConf.to_container(cfg, resolve=False)
+    del before["method"]["store_bases"]  # the config as it was before the key was added
+    assert cell_key(OmegaConf.create(before), names) == cell_key(cfg, names)
+    stored = compose_cfg(["method=nola", "method.store_bases=true"])
+    assert cell_key(stored, names) != cell_key(cfg, names)
