@@ -57,7 +57,7 @@ NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"
 # Keys added after records existed, left out of the cell key while they hold the value every earlier run had, so
 # adding a key never orphans a committed record; set to anything else, they enter the key like every other key.
 # (group, key) -> that value. A key whose default changes the result must not be listed here.
-KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False}
+KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False, ("train", "compile"): False}
 #: Statuses that end a cell: a rerun skips it unless force=true (a pruned trial is a finished trial).
 FINAL_STATUSES = ("completed", "pruned")
 #: the method that reads a PEFT config file (its file's contents and training parameters enter the cell)
@@ -158,6 +158,17 @@ def build(node: DictConfig, group: str, option: str) -> Any:
     except InstantiationException as e:
         cause = e.__cause__ or e
         raise ConfigError(f"{group}={option}: {cause} (defaults in conf/{group}/{option}.yaml)") from cause
+
+
+def compile_model(model: nn.Module, method: Method, setting: Any, option: str) -> None:
+    """torch.compile the model in place (its module and parameter names unchanged): true is inductor, a string names
+    the backend. A method whose hooks defeat compilation (Method.compilable False) is refused with its reason."""
+    if getattr(method, "compilable", True) is not True:
+        raise ConfigError(f"method={option} cannot run under train.compile: {method.compilable}; set "
+                          "train.compile=false")
+    backend = "inductor" if setting is True else str(setting)
+    model.compile(backend=backend)
+    log.info("compiled the model with torch.compile(backend=%s)", backend)
 
 
 def train_loader(task: Task, rows: list[Any], collate: Any, tcfg: DictConfig, seed: int) -> DataLoader:
@@ -327,6 +338,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 raise  # a TypeError that names no key to fix is a bug, not a configuration problem
             raise ConfigError(f"method={names['method']}: {e}") from e
         method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)
+        if cfg.train.get("compile"):
+            compile_model(model, method, cfg.train.compile, names["method"])
         if role == "trial" and cfg.tune.sharpness and cfg.protocol.get("sharpness_batches"):
             record["tuning"]["sharpness"] = measure_sharpness(model, method, train_batches, task_loss,
                                                               int(cfg.protocol.sharpness_batches), int(cfg.seed))

@@ -107,6 +107,8 @@ class Method:
     init_equals_base: bool = True
     #: False when the update depends on the input (routers, gates): no merge, no ΔW
     mergeable: bool = True
+    #: True, or the reason the method cannot train under train.compile=true (torch.compile of the model's forward)
+    compilable: bool | str = True
     #: True when post_train turns the trained model into a different one that is scored and exported (LoRAM's
     #: recovery from the pruned model): the shared checklist then runs post_train before its merge and ΔW checks
     rebuilds_in_post_train: bool = False
@@ -177,7 +179,9 @@ class Method:
         groups = self.param_groups(model, weight_decay)
         if not groups:
             raise RuntimeError(f"{type(self).__name__} left no trainable parameter in the model")
-        return torch.optim.AdamW(groups, lr=self.lr, betas=betas, eps=eps)
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.is_cuda for p in params) or None  # the fused CUDA kernel on a GPU; the CPU keeps torch's default
+        return torch.optim.AdamW(groups, lr=self.lr, betas=betas, eps=eps, fused=fused)
 
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
         """A regulariser added to the task loss. Default: none."""
