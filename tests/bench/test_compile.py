@@ -17,7 +17,8 @@ def _run(tmp_path, *extra: str) -> dict:
 
 
 # inductor draws dropout masks from its own generator, so the comparison runs without dropout
-NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0", "+model.config_overrides.attention_probs_dropout_prob=0.0"]
+NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
+              "+model.config_overrides.attention_probs_dropout_prob=0.0"]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "true"])  # true: inductor, what users get
