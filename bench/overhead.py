@@ -29,15 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from bench.models import load_model
-from bench.run import build, calibration_batches, resolve_device, seed_everything, train_loader
+from bench.run import compose_config
+from bench.steptime import bootstrap_median_ci, prepare
 from bench.train import batches, train, warmup_linear_decay
 from methods.base import WrapContext
 
@@ -57,8 +55,7 @@ class Side:
 
 
 def compose_cfg(method_name: str, overrides: list[str], steps: int) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"method={method_name}", *overrides])
+    cfg = compose_config([f"method={method_name}", *overrides])
     with open_dict(cfg):
         cfg.train.max_steps = steps  # one block; the schedule restarts each block on both sides alike
         cfg.train.eval_every = 0
@@ -74,35 +71,22 @@ def is_plain_peft(method: Any) -> bool:
     return type(method) is LoRA or (isinstance(method, PeftTuner) and type(method).wrap is PeftTuner.wrap)
 
 
+def peft_model(method: Any, base: nn.Module, ctx: WrapContext) -> nn.Module:
+    """The model as a PEFT user builds it: get_peft_model with the method's own config."""
+    from peft import get_peft_model
+
+    return get_peft_model(base, method.peft_config(sorted(method.target_layers(base, ctx)), ctx))
+
+
 def build_sides(method_name: str, cfg: DictConfig) -> tuple[Side, Side, torch.device, torch.dtype | None]:
     """The suite's side (the method, prepared and calibrated as a run does it) and the bare side (the same model
-    built without the suite), from the same seed."""
-    device, autocast_dtype = resolve_device(cfg.device, cfg.precision)
-    seed = int(cfg.seed)
-    sides = []
-    for bare in (False, True):
-        seed_everything(seed)
-        task = build(cfg.task, "task", "task")
-        method = build(cfg.method, "method", method_name)
-        loaded = load_model(cfg.model, task.head)
-        collate = task.collate_fn(loaded.tokenizer)
-        rows = task.examples("train", seed=seed)
-        ctx = WrapContext(head_modules=loaded.head_modules, seed=seed)
-        if bare and is_plain_peft(method):  # PEFT's method: the model as a PEFT user builds it
-            from peft import get_peft_model
-
-            layers = sorted(method.target_layers(loaded.model, ctx))
-            model = get_peft_model(loaded.model, method.peft_config(layers, ctx)).to(device)
-        else:
-            model = method.prepare(loaded.model, ctx).to(device)
-        method.calibrate(model, calibration_batches(rows, collate, cfg.train, seed, device), lambda m, b: m(**b).loss)
-        loader = train_loader(task, rows, collate, cfg.train, seed)
-        if bare:
-            groups = method.param_groups(model, cfg.train.weight_decay)
-            sides.append(Side(model, loader, params=[p for g in groups for p in g["params"]], groups=groups))
-        else:
-            sides.append(Side(model, loader, method=method))
-    return sides[0], sides[1], device, autocast_dtype
+    built without the suite: by PEFT itself for PEFT's methods), from the same seed."""
+    suite = prepare(method_name, cfg)
+    bare = prepare(method_name, cfg, build_model=peft_model if is_plain_peft(suite.method) else None)
+    groups = bare.method.param_groups(bare.model, cfg.train.weight_decay)
+    return (Side(suite.model, suite.loader, method=suite.method),
+            Side(bare.model, bare.loader, params=[p for g in groups for p in g["params"]], groups=groups),
+            suite.device, suite.autocast_dtype)
 
 
 def suite_block(side: Side, cfg: DictConfig, device: torch.device, autocast_dtype: torch.dtype | None,
@@ -137,15 +121,6 @@ def bare_block(side: Side, cfg: DictConfig, device: torch.device, autocast_dtype
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return [float(x) for x in losses]
-
-
-def bootstrap_median_ci(values: list[float], level: float = 0.95, resamples: int = 2000,
-                        seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the median of `values`."""
-    rng = np.random.default_rng(seed)
-    data = np.asarray(values, dtype=float)
-    medians = np.median(rng.choice(data, size=(resamples, data.size), replace=True), axis=1)
-    return float(np.quantile(medians, (1 - level) / 2)), float(np.quantile(medians, (1 + level) / 2))
 
 
 def measure(method_name: str, overrides: list[str], steps: int, rounds: int, warmup: int = 1,

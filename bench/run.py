@@ -130,6 +130,17 @@ def cell_key(cfg: DictConfig, names: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml composed with `overrides`, outside a Hydra job (the tools that set runs up themselves:
+    bench.steptime, bench.overhead, bench.catalogue)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -160,10 +171,10 @@ def build(node: DictConfig, group: str, option: str) -> Any:
         raise ConfigError(f"{group}={option}: {cause} (defaults in conf/{group}/{option}.yaml)") from cause
 
 
-def compile_model(model: nn.Module, method: Method, setting: Any, option: str) -> None:
+def compile_model(model: torch.nn.Module, method: Method, setting: Any, option: str) -> None:
     """torch.compile the model in place (its module and parameter names unchanged): true is inductor, a string names
     the backend. A method whose hooks defeat compilation (Method.compilable False) is refused with its reason."""
-    if getattr(method, "compilable", True) is not True:
+    if method.compilable is not True:
         raise ConfigError(f"method={option} cannot run under train.compile: {method.compilable}; set "
                           "train.compile=false")
     backend = "inductor" if setting is True else str(setting)

@@ -21,38 +21,61 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
 
 from bench.models import load_model
-from bench.overhead import bootstrap_median_ci
-from bench.run import build, calibration_batches, resolve_device, seed_everything, train_loader
+from bench.run import build, calibration_batches, compose_config, resolve_device, seed_everything, train_loader
 from bench.train import Trainer, optimizer_state_bytes
-from methods.base import WrapContext
+from methods.base import Method, WrapContext
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REFERENCE = "lora"
 log = logging.getLogger("bench.steptime")
 
 
-def setup(method_name: str, overrides: list[str]) -> Trainer:
-    """A Trainer for one method, set up as bench/run.py sets up a run (without the record)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"method={method_name}", *overrides])
-    seed_everything(cfg.seed)
+@dataclass
+class Prepared:
+    """One method set up as bench/run.py sets a run up (without the record)."""
+
+    model: nn.Module
+    method: Method
+    loader: DataLoader
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+
+def prepare(method_name: str, cfg: DictConfig,
+            build_model: Callable[[Method, nn.Module, WrapContext], nn.Module] | None = None) -> Prepared:
+    """Seed, build the task and method, load the model, wrap it (`method.prepare`, or `build_model(method, base,
+    ctx)`), calibrate it, and make the seeded training loader."""
+    seed = int(cfg.seed)
+    seed_everything(seed)
     device, autocast_dtype = resolve_device(cfg.device, cfg.precision)
     task = build(cfg.task, "task", "task")
     method = build(cfg.method, "method", method_name)
     loaded = load_model(cfg.model, task.head)
     collate = task.collate_fn(loaded.tokenizer)
-    rows = task.examples("train", seed=cfg.seed)
-    model = method.prepare(loaded.model, WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed))).to(device)
-    method.calibrate(model, calibration_batches(rows, collate, cfg.train, int(cfg.seed), device), lambda m, b: m(**b).loss)
-    return Trainer(model, method, train_loader(task, rows, collate, cfg.train, int(cfg.seed)), cfg.train, device,
-                   autocast_dtype)
+    rows = task.examples("train", seed=seed)
+    ctx = WrapContext(head_modules=loaded.head_modules, seed=seed)
+    model = (build_model(method, loaded.model, ctx) if build_model else method.prepare(loaded.model, ctx)).to(device)
+    method.calibrate(model, calibration_batches(rows, collate, cfg.train, seed, device), lambda m, b: m(**b).loss)
+    return Prepared(model, method, train_loader(task, rows, collate, cfg.train, seed), device, autocast_dtype)
+
+
+def setup(method_name: str, overrides: list[str]) -> Trainer:
+    """A Trainer for one method, set up as bench/run.py sets up a run (without the record)."""
+    cfg = compose_config([f"method={method_name}", *overrides])
+    p = prepare(method_name, cfg)
+    return Trainer(p.model, p.method, p.loader, cfg.train, p.device, p.autocast_dtype)
 
 
 def measure(trainers: dict[str, Trainer], steps: int, warmup: int, seed: int = 0, ci_width: float | None = None,
@@ -97,6 +120,15 @@ def measure(trainers: dict[str, Trainer], steps: int, warmup: int, seed: int = 0
                         f"vs_{REFERENCE}_ci95_low": low, f"vs_{REFERENCE}_ci95_high": high})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def bootstrap_median_ci(values: list[float], level: float = 0.95, resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of `values`."""
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values, dtype=float)
+    medians = np.median(rng.choice(data, size=(resamples, data.size), replace=True), axis=1)
+    return float(np.quantile(medians, (1 - level) / 2)), float(np.quantile(medians, (1 + level) / 2))
 
 
 def ratios(times: list[float], reference: list[float]) -> list[float]:

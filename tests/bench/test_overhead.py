@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from bench.overhead import bootstrap_median_ci, build_sides, compose_cfg, is_plain_peft, measure
+from bench.overhead import build_sides, compose_cfg, is_plain_peft, measure
+from bench.steptime import bootstrap_median_ci
 from bench.train import Trainer
 
 SMOKE = ["model=tiny_bert", "+experiment=smoke"]
