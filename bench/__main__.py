@@ -207,10 +207,11 @@ def list_group(what: str) -> str:
         from bench.catalogue import entries, text_table
 
         return text_table(entries())
+    from bench.catalogue import header_lines
+
     lines = []
     for option in group_options(group):
-        head = [line.lstrip("#").strip() for line in (CONF / group / f"{option}.yaml").read_text().splitlines()
-                if line.startswith("#") and not line.startswith("# @package")]
+        head = header_lines(option, group)
         lines.append(f"{option:<28} {head[0] if head else ''}".rstrip())
     return "\n".join(lines) + "\n"
 

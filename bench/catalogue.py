@@ -62,15 +62,20 @@ class Entry:
     export: str = ""  # peft_lora, merged or none, with the reason where not LoRA
 
 
-def header(option: str) -> str:
-    """The opening comment of conf/method/<option>.yaml, as one line."""
+def header_lines(option: str, group: str = "method") -> list[str]:
+    """The opening comment of conf/<group>/<option>.yaml, line by line (without Hydra's `# @package` line)."""
     lines = []
-    for line in (CONF / "method" / f"{option}.yaml").read_text().splitlines():
+    for line in (CONF / group / f"{option}.yaml").read_text().splitlines():
         if not line.startswith("#"):
             break
         if not line.startswith("# @package"):
             lines.append(line.lstrip("#").strip())
-    return " ".join(lines)
+    return lines
+
+
+def header(option: str) -> str:
+    """The opening comment of conf/method/<option>.yaml, as one line."""
+    return " ".join(header_lines(option))
 
 
 def parse_header(text: str) -> tuple[str, list[str], str, str]:
@@ -88,16 +93,15 @@ def parse_header(text: str) -> tuple[str, list[str], str, str]:
 
 
 def method_options() -> list[str]:
-    return sorted(p.stem for p in (CONF / "method").glob("*.yaml") if not p.name.startswith("_"))
+    from bench.__main__ import group_options
+
+    return group_options("method")
 
 
 def _compose(overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from bench.run import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def _method(option: str, cfg: Any) -> Any:
