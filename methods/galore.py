@@ -284,11 +284,14 @@ class GaLore(Full):
         self._targets = list(self.target_layers(model, ctx))
         return super().wrap(model, ctx)
 
+    def projection(self) -> dict[str, Any]:
+        """The projected group's GaLoreAdamW keys."""
+        return {"rank": self.r, "scale": self.alpha, "update_proj_gap": self.update_proj_gap}
+
     def make_optimizer(self, model: nn.Module, weight_decay: float = 0.0,
                        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        groups = projected_param_groups(
-            self, model, weight_decay, target_weights(model, self._targets),
-            {"rank": self.r, "scale": self.alpha, "update_proj_gap": self.update_proj_gap})
+        groups = projected_param_groups(self, model, weight_decay, target_weights(model, self._targets),
+                                        self.projection())
         return GaLoreAdamW(groups, lr=self.lr, betas=betas, eps=eps)
 
 
@@ -334,10 +337,5 @@ class DCTAdamW(GaLore):
             raise ValueError(f"align_norm must be > 0, got {align_norm}")
         self.align_norm = float(align_norm)
 
-    def make_optimizer(self, model: nn.Module, weight_decay: float = 0.0,
-                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        groups = projected_param_groups(
-            self, model, weight_decay, target_weights(model, self._targets),
-            {"rank": self.r, "scale": self.alpha, "update_proj_gap": self.update_proj_gap, "projection": "dct",
-             "align_norm": self.align_norm})
-        return GaLoreAdamW(groups, lr=self.lr, betas=betas, eps=eps)
+    def projection(self) -> dict[str, Any]:
+        return {**super().projection(), "projection": "dct", "align_norm": self.align_norm}

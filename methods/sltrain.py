@@ -11,7 +11,7 @@ from torch import nn
 
 from methods.base import WrapContext, head_parameter_count
 from methods.structured_lora import DEFAULT_TARGETS, _generator, _kaiming_uniform, stable_seed
-from methods.swap import AdaptedLinear, SwapMethod, _set_submodule
+from methods.swap import AdaptedLinear, SwapMethod
 
 
 def support_size(m: int, n: int, density: float) -> int:
@@ -123,19 +123,11 @@ class SLTrain(SwapMethod):
             raise ValueError(f"SLTrain density must be in (0, 1) (the reference's sp_ratio), got {density}")
         self.r, self.alpha, self.density, self.from_scratch = int(r), float(alpha), float(density), bool(from_scratch)
         self.init_equals_base = not self.from_scratch
+        self.trains_rest = self.from_scratch  # pretraining: everything outside the target weights trains in full
 
     def make_layer(self, name: str, base: nn.Linear, ctx: WrapContext) -> SLTrainLinear:
         return SLTrainLinear(base, self.r, self.alpha, self.density, seed=stable_seed(ctx.seed, "sltrain", name),
                              from_scratch=self.from_scratch)
-
-    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
-        if not self.from_scratch:
-            return super().wrap(model, ctx)
-        layers = self.target_layers(model, ctx)
-        model.requires_grad_(True)  # pretraining: everything outside the target weights trains in full
-        for name, base in layers.items():
-            _set_submodule(model, name, self.make_layer(name, base, ctx))
-        return model
 
     def layer_trainable(self, base: nn.Linear) -> int:
         m, n = base.out_features, base.in_features

@@ -75,8 +75,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 class SwapMethod(Method):
     """A method that replaces every target Linear with `make_layer(...)`; heads train in full, the rest is frozen.
 
-    Subclasses implement make_layer() and layer_trainable() (the per-layer count formula), and any hooks.
+    Subclasses implement make_layer() and layer_trainable() (the per-layer count formula), and any hooks. A method
+    that trains the rest of the model in full (SLTrain's pretraining) sets `trains_rest`.
     """
+
+    #: True: every parameter outside the adapted layers' frozen weights trains (not only the heads)
+    trains_rest: bool = False
 
     def make_layer(self, name: str, base: nn.Linear, ctx: WrapContext) -> AdaptedLinear:
         raise NotImplementedError
@@ -87,7 +91,7 @@ class SwapMethod(Method):
 
     def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         layers = self.target_layers(model, ctx)
-        model.requires_grad_(False)
+        model.requires_grad_(self.trains_rest)
         for name, base in layers.items():
             _set_submodule(model, name, self.make_layer(name, base, ctx))
         for head in ctx.head_modules:
