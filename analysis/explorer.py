@@ -107,8 +107,9 @@ def build_html(results_dir: Path, title: str | None = None) -> str:
     from plotly.offline import get_plotlyjs
 
     results_dir = Path(results_dir)
-    board = load_leaderboard(results_dir)
-    records, _ = require_records(results_dir)
+    read = require_records(results_dir)
+    board = load_leaderboard(results_dir, read)
+    records = read[0]
     methods = method_info()
     table = rows(board.summary, methods)
     shown = {r["base"] for r in table}

@@ -997,13 +997,14 @@ def label_variants(records: list[dict]) -> list[dict]:
     return out
 
 
-def load_leaderboard(results_dir: Path) -> Leaderboard:
-    """Read the records under ``results_dir`` and build the leaderboard.
+def load_leaderboard(results_dir: Path, read: tuple[list[dict], list[Path]] | None = None) -> Leaderboard:
+    """Read the records under ``results_dir`` and build the leaderboard; ``read``: ``require_records``'s result
+    when the caller has already read them.
 
     Raises ``NoRecordsError`` when there is no readable record.
     """
     results_dir = Path(results_dir)
-    records, skipped = require_records(results_dir)
+    records, skipped = read if read is not None else require_records(results_dir)
     reported = [r for r in records if (r.get("tuning") or {}).get("role") != "trial"]  # trials choose, never report
     board = build_leaderboard(
         records_frame(label_variants(reported)),
