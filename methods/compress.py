@@ -22,6 +22,7 @@ from torch import nn
 from methods.base import Batch, LossFn, WrapContext
 from methods.lora import LoRA
 from methods.lq_lora import QuantConfig, nf_quantize
+from methods.swap import linear_from, set_submodule
 
 PRUNINGS = ("magnitude", "2:4")
 QUANTISATIONS = ("nf4",)
@@ -128,20 +129,7 @@ class CompressedLinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         with torch.no_grad():
-            w = self.effective_weight()
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        layer.requires_grad_(False)
-        return layer
-
-
-def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+            return linear_from(self.effective_weight(), self.bias).requires_grad_(False)
 
 
 def batch_source(ctx: WrapContext, fallback: Sequence[Batch]) -> Callable[[], Iterable[Batch]]:

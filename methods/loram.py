@@ -10,7 +10,7 @@ from torch import nn
 
 from methods.base import WrapContext, head_parameter_count
 from methods.structured_lora import DEFAULT_TARGETS, _generator, _kaiming_uniform, stable_seed
-from methods.swap import AdaptedLinear, SwapMethod, _set_submodule
+from methods.swap import AdaptedLinear, SwapMethod, linear_from, set_submodule
 
 Index = torch.Tensor | None  # kept rows or columns of a pruned layer; None: all of them
 #: feed-forward blocks whose hidden neurons structured pruning removes: (up projections, down projection) suffixes
@@ -23,15 +23,10 @@ FFN_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
 
 def _sliced(layer: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
     """A Linear holding the kept output rows and input columns of `layer` (copies, so W0 stays intact)."""
-    w = layer.weight.detach()
+    w, b = layer.weight.detach(), layer.bias
     w = w if rows is None else w[rows]
     w = w if cols is None else w[:, cols]
-    out = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.detach() if rows is None else layer.bias.detach()[rows])
-    return out
+    return linear_from(w, None if b is None else b.detach() if rows is None else b.detach()[rows])
 
 
 class LoRAMLinear(AdaptedLinear):
@@ -187,7 +182,7 @@ class LoRAM(SwapMethod):
             self._originals[name] = copy.deepcopy(layer).to("cpu").requires_grad_(False)
             if self.prune == "structured":
                 _, rows, cols = shapes[name]
-                _set_submodule(model, name, _sliced(layer, rows, cols))
+                set_submodule(model, name, _sliced(layer, rows, cols))
             else:  # zero the smallest-|w| entries in place of a copy
                 pruned = _sliced(layer, None, None)
                 k = int(self.ratio * pruned.weight.numel())
@@ -195,12 +190,12 @@ class LoRAM(SwapMethod):
                     threshold = pruned.weight.detach().abs().flatten().kthvalue(k).values
                     with torch.no_grad():
                         pruned.weight.masked_fill_(pruned.weight.abs() <= threshold, 0.0)
-                _set_submodule(model, name, pruned)
+                set_submodule(model, name, pruned)
         for name in targets:
             base = model.get_submodule(name)
             full = self._originals.get(name, base)
             _, rows, cols = shapes.get(name, (None, None, None))
-            _set_submodule(model, name, LoRAMLinear(base, (full.out_features, full.in_features), rows, cols, self.r,
+            set_submodule(model, name, LoRAMLinear(base, (full.out_features, full.in_features), rows, cols, self.r,
                                                     self.alpha, seed=stable_seed(ctx.seed, "loram", name)))
         for head in ctx.head_modules:
             model.get_submodule(head).requires_grad_(True)
@@ -227,7 +222,7 @@ class LoRAM(SwapMethod):
                 layer.recover(copy.deepcopy(full))
             else:
                 ref = next(layer.parameters())
-                _set_submodule(model, name, copy.deepcopy(full).to(ref.device, ref.dtype))
+                set_submodule(model, name, copy.deepcopy(full).to(ref.device, ref.dtype))
         self._originals = {}
 
     def post_train(self, model: nn.Module, ctx: WrapContext) -> dict[str, float]:

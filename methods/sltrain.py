@@ -34,7 +34,6 @@ class SLTrainLinear(AdaptedLinear):
         m, n = base.out_features, base.in_features
         w = base.weight
         self.r, self.scaling, self.from_scratch = r, alpha / r, from_scratch
-        self.dtype = w.dtype
         generator = _generator(seed, "support")
         k = support_size(m, n, density)
         index = torch.randperm(m * n, generator=generator)[:k].sort().values  # (k,) fixed support Ω
@@ -66,17 +65,6 @@ class SLTrainLinear(AdaptedLinear):
         w = self.sparse() if self.from_scratch else self.base.weight + self.sparse()  # (m, n)
         y = F.linear(x, w, self.bias())  # (..., m)
         return y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., m)
-
-    def merged(self) -> nn.Linear:
-        with torch.no_grad():
-            weight, bias = self.weight(), self.bias()
-        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-                          dtype=self.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
 
 
 class SLTrain(SwapMethod):

@@ -55,19 +55,25 @@ class AdaptedLinear(nn.Module):
         return F.linear(x, self.weight(), self.bias())  # (..., m)
 
     def merged(self) -> nn.Linear:
-        """A plain Linear computing the same function."""
+        """A plain Linear computing the same function (in W0's dtype; in W''s where a method drops W0)."""
         with torch.no_grad():
             weight, bias = self.weight(), self.bias()
-        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                          device=weight.device, dtype=self.base.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
+        return linear_from(weight, bias, weight.dtype if self.base.weight is None else self.base.weight.dtype)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A new nn.Linear holding copies of `weight` (m×n) and `bias`, on their device, in `dtype` (default theirs)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=dtype or weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` with `module`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -93,7 +99,7 @@ class SwapMethod(Method):
         layers = self.target_layers(model, ctx)
         model.requires_grad_(self.trains_rest)
         for name, base in layers.items():
-            _set_submodule(model, name, self.make_layer(name, base, ctx))
+            set_submodule(model, name, self.make_layer(name, base, ctx))
         for head in ctx.head_modules:
             model.get_submodule(head).requires_grad_(True)
         return model
@@ -103,7 +109,7 @@ class SwapMethod(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         for name, layer in self.adapted_layers(model).items():
-            _set_submodule(model, name, layer.merged())
+            set_submodule(model, name, layer.merged())
         return model
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
