@@ -6,6 +6,7 @@
     python -m analysis figure NAME [--results results] [--out results/figures]
     python -m analysis figure --list
     python -m analysis tuning      [--results results] [--out DIR]
+    python -m analysis sharpness   [--reference results/zoo] [--results results/zoo_sharp] [--out DIR]
     python -m analysis claims      [--results-root .] [--out results/claims]
     python -m analysis explore     [--results results] [--out <results>/explorer.html]
 """
@@ -245,6 +246,14 @@ def _figure(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
+def _sharpness(args: argparse.Namespace) -> int:
+    from analysis.sharpness import write_sharpness_report
+
+    for path in write_sharpness_report(args.reference, args.results, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _tuning(args: argparse.Namespace) -> int:
     from analysis.tuning import write_tuning_report
 
@@ -342,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     results_arg(tuning)
     tuning.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
     tuning.set_defaults(func=_guarded(_tuning))
+
+    sharp = commands.add_parser("sharpness", help="does λ_max at init predict the tuned lr and save trials?")
+    sharp.add_argument("--reference", type=Path, default=Path("results/zoo"),
+                       help="results directory of full-range tuned studies (default: results/zoo)")
+    sharp.add_argument("--results", type=Path, default=None,
+                       help="results directory of sharpness-guided studies (protocol=sharp), compared with them")
+    sharp.add_argument("--out", type=Path, default=None, help="output directory (default: --results or --reference)")
+    sharp.set_defaults(func=_guarded(_sharpness))
 
     explore = commands.add_parser("explore", help="explorer.html: sortable leaderboard, Pareto plots, curves (one file)")
     results_arg(explore)

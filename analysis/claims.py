@@ -70,7 +70,7 @@ from scipy import stats as sps
 from matplotlib.lines import Line2D
 
 from analysis import plots
-from analysis.records import latest_per_cell, load_records
+from analysis.records import is_reported, latest_per_cell, load_records
 from analysis.stats import welch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,7 +376,7 @@ class RecordPool:
         if results_dir not in self._records:
             directory = self.root / results_dir
             found = load_records(directory) if (directory / "runs").is_dir() else []
-            reported = [r for r in found if ((r.get("tuning") or {}).get("role") != "trial")]
+            reported = [r for r in found if is_reported(r)]
             self._records[results_dir] = [dict(r) for r in latest_per_cell(reported)]
         return self._records[results_dir]
 

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.leaderboard import load_leaderboard
-from analysis.records import require_records
+from analysis.records import is_reported, require_records
 
 TEMPLATE = Path(__file__).with_name("explorer.html")
 #: the method option a leaderboard label starts with: "lora (r=16)" -> lora, "peft/loha/rank8 (PEFT run)" -> peft
@@ -72,7 +72,7 @@ def curves(records: list[dict[str, Any]], keys: set[str]) -> dict[str, list[dict
     from analysis.leaderboard import label_variants
 
     out: dict[str, list[dict[str, Any]]] = {}
-    reported = [r for r in records if (r.get("tuning") or {}).get("role") != "trial" and r.get("status") == "completed"]
+    reported = [r for r in records if is_reported(r) and r.get("status") == "completed"]
     order = sorted(label_variants(reported),
                    key=lambda r: (str(r.get("method")), str(r.get("task")), r.get("seed") or 0))
     for r in order:

@@ -18,6 +18,7 @@ from analysis.records import (
     METRIC_PREFIX,
     STATUSES,
     NoRecordsError,
+    is_reported,
     memory_kind_label,
     records_frame,
     require_records,
@@ -245,6 +246,7 @@ class Leaderboard:
     friedman: dict[str, object] = field(default_factory=dict)  # model -> FriedmanResult over its common tasks
     rank_tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # model -> tasks × methods it ranked
     trial_records: int = 0  # tuning trials read and left out of every table
+    probe_records: int = 0  # sharpness probes of guided studies, read and left out too
 
     # -- text pieces shared by Markdown and HTML
 
@@ -256,8 +258,10 @@ class Leaderboard:
             s = "s" if self.skipped_files != 1 else ""
             skipped = f" ({self.skipped_files} unreadable file{s} skipped)"
         counts = ", ".join(f"{n} {status}" for status, n in self.status_counts.items() if n)
+        probes = (f" {self.probe_records} sharpness probes (λ_max at init, no training) narrowed guided searches "
+                  "and are not shown;" if self.probe_records else "")
         trials = (f" {self.trial_records} tuning trials (scored on validation holdouts) chose the reported "
-                  "hyper-parameters and are not shown;" if self.trial_records else "")
+                  "hyper-parameters and are not shown;" if self.trial_records else "") + probes
         return f"Read {self.records_read} records{where}{skipped};{trials} {self.cells} reported run cells: {counts}."
 
     def problem_lines(self) -> list[str]:
@@ -1005,14 +1009,15 @@ def load_leaderboard(results_dir: Path, read: tuple[list[dict], list[Path]] | No
     """
     results_dir = Path(results_dir)
     records, skipped = read if read is not None else require_records(results_dir)
-    reported = [r for r in records if (r.get("tuning") or {}).get("role") != "trial"]  # trials choose, never report
+    reported = [r for r in records if is_reported(r)]  # trials choose and probes measure: neither reports
     board = build_leaderboard(
         records_frame(label_variants(reported)),
         records_read=len(records),
         skipped_files=len(skipped),
         source="runs/ beside this table",  # not an absolute path: a table rebuilt elsewhere stays byte-identical
     )
-    board.trial_records = len(records) - len(reported)
+    roles = [(r.get("tuning") or {}).get("role") for r in records]
+    board.trial_records, board.probe_records = roles.count("trial"), roles.count("probe")
     board.warnings += unreported_studies(records)
     return board
 

@@ -104,6 +104,15 @@ def scan_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
     return records, skipped
 
 
+#: Tuning roles whose runs only serve a study (a trial chooses values, a probe measures sharpness): never reported.
+STUDY_ONLY_ROLES = ("trial", "probe")
+
+
+def is_reported(record: Mapping[str, Any]) -> bool:
+    """Whether a record can appear in a table: a plain run or a tuned study's reported rerun, not a trial or probe."""
+    return (record.get("tuning") or {}).get("role") not in STUDY_ONLY_ROLES
+
+
 def load_records(results_dir: Path) -> list[dict[str, Any]]:
     """Return the parsed records under ``results_dir``, skipping (with a warning) bad files."""
     records, _ = scan_records(results_dir)

@@ -53,7 +53,7 @@ NON_SEMANTIC_KEYS = ("results_dir", "force", "progress", "tracker", "record", "e
 # where a final run finds its study's summary) does not change the result either; tune.role does (what is scored).
 NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"), ("model", "target_modules"),
                             ("tune", "study"), ("tune", "storage"), ("tune", "trial_id"), ("tune", "sharpness"),
-                            ("tune", "effort_file"))
+                            ("tune", "effort_file"), ("tune", "window_file"), ("tune", "lr_reference"))
 # Keys added after records existed, left out of the cell key while they hold the value every earlier run had, so
 # adding a key never orphans a committed record; set to anything else, they enter the key like every other key.
 # (group, key) -> that value. A key whose default changes the result must not be listed here.
@@ -214,6 +214,8 @@ def tuning_block(cfg: DictConfig) -> dict[str, Any]:
         method = OmegaConf.to_container(cfg.method, resolve=True)
         keys = protocol.get("tune_keys") or list((method.get(SEARCH_KEY) or {}).keys())
         block["params"] = {k: method.get(k) for k in keys}
+    if cfg.tune.role == "trial" and cfg.tune.get("window_file"):  # a sharpness-guided study's narrowed range
+        block["lr_window"] = json.loads(Path(cfg.tune.window_file).read_text())
     if cfg.tune.role == "final" and cfg.tune.effort_file:
         block.update(json.loads(Path(cfg.tune.effort_file).read_text()))
     return block
@@ -315,7 +317,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         loaded = load_model(cfg.model, task.head)
         collate = task.collate_fn(loaded.tokenizer)
         train_rows = task.examples("train", seed=cfg.seed)
-        eval_rows = task.examples("validation" if role == "trial" else "eval")  # a trial never sees the eval split
+        # a trial (or a sharpness probe) never sees the eval split
+        eval_rows = task.examples("validation" if role in ("trial", "probe") else "eval")
         if role == "trial":
             record.update(eval_split="validation", eval_note=(
                 f"tuning trial: scored on {len(eval_rows)} rows held out from train "
@@ -337,7 +340,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 yield {k: v.to(device) for k, v in batch.items()}
 
         probe_base = task.forgetting_probe(loaded.model.to(device), device, autocast_dtype)  # {} for most tasks
-        pretrained = evaluate(loaded.model) if cfg.train.get("eval_base") and role != "trial" else {}
+        pretrained = evaluate(loaded.model) if cfg.train.get("eval_base") and role not in ("trial", "probe") else {}
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed), evaluate=evaluate,
                           main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss,
                           max_steps=int(cfg.train.max_steps))
@@ -351,9 +354,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)
         if cfg.train.get("compile"):
             compile_model(model, method, cfg.train.compile, names["method"])
-        if role == "trial" and cfg.tune.sharpness and cfg.protocol.get("sharpness_batches"):
+        if role == "probe" or (role == "trial" and cfg.tune.sharpness and cfg.protocol.get("sharpness_batches")):
             record["tuning"]["sharpness"] = measure_sharpness(model, method, train_batches, task_loss,
-                                                              int(cfg.protocol.sharpness_batches), int(cfg.seed))
+                                                              max(int(cfg.protocol.get("sharpness_batches") or 0), 1),
+                                                              int(cfg.seed))
+        if role == "probe":  # a sharpness-guided study's probe: λ_max at init is its result; nothing trains
+            record.update(status="completed", eval_split=None, params={
+                "trainable": sum(p.numel() for p in method.trainable_parameters(model).values()),
+                "total": total_base, "model_source": loaded.source})
+            return record  # `finally` writes it
 
         # ------------------------------------------------------------ train
         checkpoint = run_dir / "checkpoint.pt"

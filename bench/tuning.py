@@ -36,6 +36,11 @@ TRIAL_STATES = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
 #: Protocol keys that change what a study computes (its name hashes them); trials and seeds only extend it.
 STUDY_KEYS = ("name", "sampler", "grid_points", "sampler_seed", "tune_keys", "trial_seed", "validation", "pruner",
               "prune_every", "pruner_startup_trials")
+#: Keys of a sharpness-guided protocol (conf/protocol/sharp.yaml), hashed into a study's name only where the
+#: protocol has them, so that the names of studies run before they existed stay what they were.
+GUIDE_KEYS = ("lr_from_sharpness", "sharpness_span")
+#: A sharpness-guided search needs the tuned learning rates of at least this many other methods to fit its guess.
+MIN_FIT_METHODS = 5
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -174,7 +179,8 @@ def study_name(names: Mapping[str, str], semantic: Mapping[str, Any], protocol: 
     changed space or budget starts a new one, and more trials or seeds extend the old one."""
     config = {k: v for k, v in semantic.items() if k not in ("seed", "tune", "protocol")}
     config["method"] = {k: v for k, v in (config.get("method") or {}).items() if k not in space and k != SEARCH_KEY}
-    blob = json.dumps({"names": dict(names), "config": config, "protocol": {k: protocol.get(k) for k in STUDY_KEYS},
+    hashed = {k: protocol.get(k) for k in STUDY_KEYS} | {k: protocol[k] for k in GUIDE_KEYS if k in protocol}
+    blob = json.dumps({"names": dict(names), "config": config, "protocol": hashed,
                        "space": {k: repr(v) for k, v in space.items()}}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
     return f"{names['task'].replace('/', '-')}__{names['method'].replace('/', '-')}__{names['model']}__{protocol['name']}__{digest}"
@@ -283,7 +289,90 @@ class Study:
     storage: str
     sharpness: dict[str, Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # the cell's option names (task, method, model)
+    window: dict[str, Any] | None = None  # a sharpness-guided study's learning-rate window (lr_window)
+    reference: Any = None  # the results dir whose tuned studies the guide's fit reads (a Path)
+    window_file: Any = None  # where the sweep wrote `window` for its trials to record (a Path)
 
     @property
     def needs_trials(self) -> bool:
         return len(finished(self.study)) < int(self.protocol["trials"])
+
+
+# ---------------------------------------------------------------------------------------- sharpness as a guide
+@dataclass(frozen=True)
+class SharpnessFit:
+    """log10(tuned lr) = intercept + slope · log10(λ_max at init), least squares over tuned studies of one model."""
+
+    slope: float
+    intercept: float
+    residual_sd: float  # of log10 lr, in decades
+    methods: tuple[str, ...]
+
+    def guess(self, lambda_max: float) -> float:
+        return 10 ** (self.intercept + self.slope * math.log10(lambda_max))
+
+    def as_record(self) -> dict[str, Any]:
+        return {"slope": self.slope, "intercept": self.intercept, "residual_sd": self.residual_sd,
+                "n": len(self.methods), "methods": list(self.methods)}
+
+
+def tuned_lr_points(records: Sequence[Mapping[str, Any]], model: str) -> list[tuple[str, float, float]]:
+    """(method, λ_max, chosen lr) of every study of `model` whose reported runs record both, from a search over
+    the method's own range (a sharpness-guided study is left out: its choice came from a guess)."""
+    points: dict[tuple[str, str], tuple[str, float, float]] = {}
+    for r in records:
+        tuning = r.get("tuning") or {}
+        if tuning.get("role") != "final" or r.get("model") != model or tuning.get("lr_window"):
+            continue
+        sharp = (tuning.get("sharpness") or {}).get("lambda_max")
+        lr = (tuning.get("chosen") or {}).get("lr")
+        if isinstance(sharp, (int, float)) and sharp > 0 and isinstance(lr, (int, float)) and lr > 0:
+            points[(r.get("task"), r.get("method"))] = (str(r.get("method")), float(sharp), float(lr))
+    return sorted(points.values())
+
+
+def fit_sharpness(points: Sequence[tuple[str, float, float]], leave_out: str) -> SharpnessFit:
+    """The log-log line through the (λ_max, tuned lr) of every method but `leave_out`: a method's guess never uses
+    its own tuned rate, which is what a new method gets and what makes the guess's evaluation honest."""
+    kept = [(m, s, lr) for m, s, lr in points if m != leave_out]
+    methods = tuple(sorted({m for m, _, _ in kept}))
+    if len(methods) < MIN_FIT_METHODS:
+        raise TuningError(
+            f"protocol.lr_from_sharpness needs the tuned learning rates of at least {MIN_FIT_METHODS} other methods "
+            f"on this model (found {len(methods)}: {', '.join(methods) or 'none'}); tune some under protocol=cheap "
+            "first, or point tune.lr_reference at a results dir that holds them (e.g. tune.lr_reference=results/zoo)")
+    x = np.log10([s for _, s, _ in kept])
+    y = np.log10([lr for _, _, lr in kept])
+    if np.ptp(x) == 0:
+        raise TuningError("protocol.lr_from_sharpness: every reference study has the same λ_max; no line to fit")
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    sd = float(np.sqrt((residual ** 2).sum() / max(len(x) - 2, 1)))
+    return SharpnessFit(float(slope), float(intercept), sd, methods)
+
+
+def round3(value: float) -> float:
+    return float(f"{value:.3g}")
+
+
+def lr_window(fit: SharpnessFit, sharpness: Mapping[str, Any], span: float) -> dict[str, Any]:
+    """The narrowed learning-rate range of a sharpness-guided study: `span` decades centred (in log space) on the
+    fit's guess, its ends rounded to 3 significant digits so that a grid over it visits exactly its ends."""
+    lam = sharpness.get("lambda_max")
+    if not (isinstance(lam, (int, float)) and lam > 0):
+        raise TuningError(f"protocol.lr_from_sharpness: the probe measured λ_max = {lam} (no dominant positive "
+                          "curvature, e.g. a B = 0 init whose negative side wins; bench/sharpness.py); tune this "
+                          "method with protocol=cheap instead")
+    if not span > 0:
+        raise TuningError(f"protocol.sharpness_span must be > 0 decades, got {span}")
+    guess = fit.guess(float(lam))
+    return {"guess": guess, "low": round3(guess * 10 ** (-span / 2)), "high": round3(guess * 10 ** (span / 2)),
+            "span_decades": span, "lambda_max": float(lam), "fit": fit.as_record()}
+
+
+def narrowed(space: Mapping[str, BaseDistribution], window: Mapping[str, Any]) -> dict[str, BaseDistribution]:
+    """`space` with its learning rate replaced by the window's log range."""
+    if "lr" not in space:
+        raise TuningError("protocol.lr_from_sharpness narrows the learning rate: add lr to protocol.tune_keys")
+    return {**space, "lr": FloatDistribution(float(window["low"]), float(window["high"]), log=True)}

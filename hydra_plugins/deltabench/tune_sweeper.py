@@ -12,6 +12,11 @@ an Optuna study (bench/tuning.py) under the composed `protocol`:
 2. finals: the best completed trial of each study rerun with every seed of protocol.seeds (`tune.role=final`),
    each record carrying the study's summary (bench.run.tuning_block).
 
+Under a sharpness-guided protocol (protocol.lr_from_sharpness, conf/protocol/sharp.yaml) each study first runs a
+probe (`tune.role=probe`: λ_max at init, no training), then narrows its learning-rate range to protocol.sharpness_span
+decades around the guess of a log-log line through the tuned studies of the other methods on the same model
+(bench.tuning.fit_sharpness, read from tune.lr_reference or the results dir); every trial records that window.
+
 Why not hydra-optuna-sweeper: its last release pins optuna<3 (which needs SQLAlchemy<2, against this project's
 MLflow pin), it has no pruning (a job only returns its final value) and no seeded reruns of the best trial.
 
@@ -79,7 +84,7 @@ class TuneSweeper(Sweeper):
     def make_study(self, overrides: list[str], storage: str) -> Study:
         from bench.store import RunStore
         from bench.tuning import (
-            Study, TuningError, check_protocol, make_pruner, rebuild_study, search_space, study_name)
+            Study, TuningError, check_protocol, make_pruner, narrowed, rebuild_study, search_space, study_name)
 
         assert self.hydra_context is not None and self.config is not None
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
@@ -97,21 +102,63 @@ class TuneSweeper(Sweeper):
             check_protocol(protocol, space, option)
         except TuningError as e:
             raise HydraException(str(e)) from e
-        name = study_name(names, semantic_config(cfg), protocol, space)
+        name = study_name(names, semantic_config(cfg), protocol, space)  # the method's own range: known up front
         store = RunStore(Path(cfg.results_dir))
-        trials = [r for r in self.trial_records(store) if r["tuning"].get("study") == name]
+        mine = [r for r in self.trial_records(store) if r["tuning"].get("study") == name]
+        trials = [r for r in mine if r["tuning"]["role"] == "trial"]
+        window = next((r["tuning"]["lr_window"] for r in trials if r["tuning"].get("lr_window")), None)
+        if protocol.get("lr_from_sharpness") and window is not None:
+            space = narrowed(space, window)  # fixed by the study's first trial, whatever the store holds since
         pruner = make_pruner(protocol, int(cfg.train.max_steps))
         study = rebuild_study(storage, name, trials, space, pruner)
-        sharp = next(((r["tuning"]["sharpness"]) for r in trials if (r.get("tuning") or {}).get("sharpness")), None)
+        sharp = next(((r["tuning"]["sharpness"]) for r in mine if (r.get("tuning") or {}).get("sharpness")), None)
         defaults = {k: cfg.method.get(k) for k in space}  # the YAML's values: the untuned point of comparison
-        return Study(name, overrides, protocol, space, store, study, storage, sharpness=sharp, defaults=defaults)
+        reference = Path(str(cfg.tune.get("lr_reference") or cfg.results_dir))
+        return Study(name, overrides, protocol, space, store, study, storage, sharpness=sharp, defaults=defaults,
+                     names=names, window=window, reference=reference)
 
     def trial_records(self, store: Any) -> list[dict[str, Any]]:
-        """The tuning-trial records of a store, read once per sweep (every study of a grid looks in them)."""
+        """The tuning-trial and probe records of a store, read once per sweep (every study of a grid looks in them)."""
         key = str(store.root.resolve())
         if key not in self._trial_records:
-            self._trial_records[key] = [r for r in store.records() if (r.get("tuning") or {}).get("role") == "trial"]
+            self._trial_records[key] = [r for r in store.records()
+                                        if (r.get("tuning") or {}).get("role") in ("trial", "probe")]
         return self._trial_records[key]
+
+    # ------------------------------------------------------------------ sharpness as a guide
+    def guide(self, studies: list[Study], sweep_dir: Path) -> None:
+        """Probe λ_max where a guided study has none, then fix each study's learning-rate window from the fit."""
+        from bench.store import RunStore, atomic_write_json
+        from bench.tuning import TuningError, fit_sharpness, lr_window, narrowed, tuned_lr_points
+
+        unmeasured = [s for s in studies if s.sharpness is None]
+        if unmeasured:
+            probes = [[*s.overrides, "tune.role=probe", f"tune.study={s.name}", f"seed={s.protocol['trial_seed']}"]
+                      for s in unmeasured]
+            for s, ret in zip(unmeasured, self.launch(probes)):
+                record = self.read_return(s, ret)
+                s.sharpness = ((record or {}).get("tuning") or {}).get("sharpness")
+                if not s.sharpness:
+                    status = (record or {}).get("status", "no record")
+                    message = ((record or {}).get("error") or {}).get("message", "")
+                    raise HydraException(f"study {s.name}: the sharpness probe ended {status} {message}; fix it, "
+                                         "or tune this method with protocol=cheap")
+        references: dict[Path, list[dict[str, Any]]] = {}
+        for s in studies:
+            if s.window is None:
+                if s.reference not in references:
+                    references[s.reference] = RunStore(s.reference).records()
+                try:
+                    fit = fit_sharpness(tuned_lr_points(references[s.reference], s.names["model"]),
+                                        leave_out=s.names["method"])
+                    s.window = lr_window(fit, s.sharpness, float(s.protocol["sharpness_span"]))
+                    s.space = narrowed(s.space, s.window)
+                except TuningError as e:
+                    raise HydraException(f"study {s.name}: {e}") from e
+                log.info("study %s: λ_max %.3g -> lr %.3g, searching [%.3g, %.3g]", s.name, s.window["lambda_max"],
+                         s.window["guess"], s.window["low"], s.window["high"])
+            s.window_file = sweep_dir / "studies" / f"{s.name}.window.json"
+            atomic_write_json(s.window_file, s.window)
 
     # ------------------------------------------------------------------ the sweep
     def sweep(self, arguments: list[str]) -> Any:
@@ -123,6 +170,9 @@ class TuneSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         storage = f"sqlite:///{(sweep_dir / 'tuning.db').resolve()}"
         every = [self.make_study(cell, storage) for cell in self.cells(arguments)]  # all checked before any training
+        guided = [s for s in every if s.protocol.get("lr_from_sharpness")]
+        if guided:
+            self.guide([s for s in guided if s.needs_trials or s.window is not None], sweep_dir)
         for s in every:
             log.info("study %s: %d of %d trials finished", s.name, len(finished(s.study)), s.protocol["trials"])
         size = self.max_batch_size or len(every)
@@ -177,7 +227,8 @@ class TuneSweeper(Sweeper):
         return [*s.overrides, *(f"method.{k}={override_value(v)}" for k, v in trial.params.items()),
                 "tune.role=trial", f"tune.study={s.name}", f"tune.storage={s.storage}",
                 f"tune.trial_id={trial._trial_id}",  # noqa: SLF001  (Optuna's Trial(study, trial_id) needs the id)
-                f"tune.sharpness={'true' if first else 'false'}", f"seed={s.protocol['trial_seed']}"]
+                f"tune.sharpness={'true' if first else 'false'}", f"seed={s.protocol['trial_seed']}",
+                *([f"tune.window_file={s.window_file.resolve()}"] if s.window_file else [])]
 
     def launch(self, batch: list[list[str]]) -> Sequence[JobReturn]:
         assert self.launcher is not None
@@ -185,17 +236,22 @@ class TuneSweeper(Sweeper):
         self.job_idx += len(batch)
         return results
 
+    @staticmethod
+    def read_return(s: Study, ret: JobReturn, what: str = "probe") -> dict[str, Any] | None:
+        """The record of a launched run (the launcher's return only names it); None for a job that raised."""
+        try:
+            value = ret.return_value
+            run_id = value.get("id") if isinstance(value, dict) else None
+            return s.store.read(run_id) if run_id else None
+        except Exception as e:  # a job that raised in-process (hydra/launcher=basic)
+            log.error("%s of %s failed: %s", what, s.name, e)
+            return None
+
     def tell(self, s: Study, trial: optuna.Trial, ret: JobReturn) -> None:
         """Give the study the trial's outcome, read from its record (the launcher's return only names it)."""
         import optuna
 
-        record = None
-        try:
-            value = ret.return_value
-            run_id = value.get("id") if isinstance(value, dict) else None
-            record = s.store.read(run_id) if run_id else None
-        except Exception as e:  # a job that raised in-process (hydra/launcher=basic): a failed trial
-            log.error("trial %d of %s failed: %s", trial.number, s.name, e)
+        record = self.read_return(s, ret, f"trial {trial.number}")
         status = (record or {}).get("status")
         tuning = (record or {}).get("tuning") or {}
         if record is not None:
@@ -223,4 +279,5 @@ class TuneSweeper(Sweeper):
             "trial_values": [{"params": t.params, "state": t.state.name.lower(), "objective": t.value}
                              for t in finished(s.study)],
             "sharpness": s.sharpness,
+            **({"lr_window": s.window} if s.window else {}),
         }

@@ -228,3 +228,64 @@ def test_a_pruned_trial_leaves_a_pruned_record_and_is_not_rerun(tmp_path):
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "pruned at" in again.stdout + again.stderr
     assert all_records(tmp_path)[0]["attempts"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ sharpness as a guide
+def reference_records(tmp: Path, line: tuple[float, float] = (-1.0, -3.0), model: str = "tiny_bert") -> Path:
+    """Five methods' reported runs whose (λ_max, tuned lr) lie on log10 lr = intercept + slope · log10 λ."""
+    slope, intercept = line
+    for i, lam in enumerate([0.5, 1.0, 2.0, 4.0, 8.0]):
+        run = tmp / "runs" / f"r{i}"
+        run.mkdir(parents=True)
+        lr = 10 ** (intercept + slope * math.log10(lam))
+        run.joinpath("record.json").write_text(json.dumps({
+            "id": f"r{i}", "model": model, "task": "glue/sst2", "method": f"m{i}", "status": "completed",
+            "tuning": {"role": "final", "chosen": {"lr": lr}, "sharpness": {"lambda_max": lam}}}))
+    return tmp
+
+
+def test_the_sharpness_fit_recovers_a_known_line_and_leaves_the_method_out(tmp_path):
+    from analysis.records import load_records
+    from bench.tuning import fit_sharpness, lr_window, narrowed, tuned_lr_points
+
+    points = tuned_lr_points(load_records(reference_records(tmp_path)), "tiny_bert")
+    assert len(points) == 5 and tuned_lr_points(load_records(tmp_path), "minilm") == []
+    fit = fit_sharpness(points, leave_out="lora")
+    assert fit.slope == pytest.approx(-1.0) and fit.intercept == pytest.approx(-3.0) and fit.residual_sd < 1e-9
+    assert fit.guess(2.0) == pytest.approx(5e-4)
+    with pytest.raises(TuningError, match="tune.lr_reference"):  # m0 left out: 4 methods are too few for a guess
+        fit_sharpness(points, leave_out="m0")
+    window = lr_window(fit, {"lambda_max": 2.0}, span=0.5)
+    assert window["low"] == float(f"{5e-4 * 10 ** -0.25:.3g}") and window["high"] == float(f"{5e-4 * 10 ** 0.25:.3g}")
+    assert grid(narrowed({"lr": FloatDistribution(1e-5, 1e-1, log=True)}, window), 2)["lr"] == \
+        [window["low"], window["high"]]  # a 2-point grid visits the window's ends, inside its distribution
+    with pytest.raises(TuningError, match="protocol=cheap"):
+        lr_window(fit, {"lambda_max": -0.3}, span=0.5)  # a negative dominant eigenvalue gives no guess
+
+
+def test_a_guided_study_probes_once_searches_its_window_and_resumes(tmp_path):
+    reference = reference_records(tmp_path / "reference")
+    results = tmp_path / "guided"
+    args = ["method=lora", "protocol=sharp", f"tune.lr_reference={reference}"]
+    out = sweep(results, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = all_records(results)
+    probes = [r for r in records if r["tuning"]["role"] == "probe"]
+    trials = [r for r in records if r["tuning"]["role"] == "trial"]
+    finals = [r for r in records if r["tuning"]["role"] == "final"]
+    assert len(probes) == 1 and probes[0]["status"] == "completed" and not probes[0]["curve"]  # measured, not trained
+    window = trials[0]["tuning"]["lr_window"]
+    assert window["lambda_max"] == probes[0]["tuning"]["sharpness"]["lambda_max"]
+    assert window["fit"]["n"] == 5 and window["guess"] == pytest.approx(
+        10 ** (-3.0 - math.log10(window["lambda_max"])))
+    assert sorted(t["tuning"]["params"]["lr"] for t in trials) == [window["low"], window["high"]]
+    assert len(finals) == 2 and all(f["tuning"]["lr_window"] == window for f in finals)
+    assert finals[0]["tuning"]["protocol"] == "sharp" and finals[0]["tuning"]["trials"]["total"] == 2
+    from analysis.leaderboard import load_leaderboard
+
+    board = load_leaderboard(results)
+    assert board.probe_records == 1 and board.trial_records == 2  # the probe is never a reported row
+    (reference / "runs" / "r0").rename(reference / "gone")  # the fit changes; the study keeps its first window
+    again = sweep(results, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {r["id"]: r["attempts"] for r in all_records(results)} == {r["id"]: 1 for r in records}
