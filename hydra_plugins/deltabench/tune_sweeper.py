@@ -184,7 +184,7 @@ class TuneSweeper(Sweeper):
     def sweep_studies(self, studies: list[Study], sweep_dir: Path) -> list[Sequence[JobReturn]]:
         """Trials of `studies` side by side (one per study per round), then their reported reruns."""
         from bench.store import atomic_write_json
-        from bench.tuning import best_trial, finished, make_sampler, next_params, override_value
+        from bench.tuning import best_trial, make_sampler, next_params, override_value
 
         returns: list[Sequence[JobReturn]] = []
         while pending := [s for s in studies if s.needs_trials]:
