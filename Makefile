@@ -37,6 +37,7 @@ leaderboard: install
 tables: install
 	$(BIN)/python -m analysis leaderboard --results results/zoo
 	$(BIN)/python -m analysis tuning --results results/zoo
+	$(BIN)/python -m analysis sharpness --reference results/zoo --results results/zoo_sharp
 	$(BIN)/python -m analysis claims
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.catalogue
 	$(BIN)/python -m analysis explore --results results/zoo

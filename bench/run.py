@@ -37,6 +37,7 @@ from bench.train import Diverged, Preempted, train
 from bench.tuning import SEARCH_KEY, Pruned, TrialReporter, make_pruner, objective
 from bench.trackers import NoTracker, SafeTracker, make_tracker
 from bench.validate import ConfigError, validate_config  # noqa: F401  (ConfigError: re-exported, bench.run.ConfigError)
+from bench.distributed import SINGLE, finish, join, launch, process_device, under_torchrun
 from methods.base import Method, WrapContext
 from tasks.base import Holdout, Task
 
@@ -57,7 +58,8 @@ NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"
 # Keys added after records existed, left out of the cell key while they hold the value every earlier run had, so
 # adding a key never orphans a committed record; set to anything else, they enter the key like every other key.
 # (group, key) -> that value. A key whose default changes the result must not be listed here.
-KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False, ("train", "compile"): False}
+KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False, ("train", "compile"): False,
+                                                ("train", "strategy"): "single", ("train", "nproc"): 1}
 #: Statuses that end a cell: a rerun skips it unless force=true (a pruned trial is a finished trial).
 FINAL_STATUSES = ("completed", "pruned")
 #: the method that reads a PEFT config file (its file's contents and training parameters enter the cell)
@@ -274,6 +276,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  previous["timestamps"]["finished"])
         previous["skipped"] = True
         return previous
+    nproc = int(cfg.train.get("nproc", 1))
+    if invalid is None and nproc > 1 and not under_torchrun():  # the cell's processes write its record
+        return run_processes(cfg, store, run_id, nproc)
+    dist = join(str(cfg.train.get("strategy", "single")), torch.device(
+        "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")) if invalid is None \
+        else SINGLE
     record: dict[str, Any] = {
         "schema": SCHEMA, "id": run_id, "cell_key": key, "status": "running",
         **names, "suite": None, "seed": int(cfg.seed),
@@ -286,7 +294,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tuning": tuning_block(cfg) if invalid is None else {"protocol": str(cfg.protocol.name),
                                                              "role": cfg.tune.role, "study": cfg.tune.study},
     }
-    store.write(record)
+    if dist.main:
+        store.write(record)
     run_dir = store.run_dir(run_id)
     log.info("run %s -> %s", run_id, run_dir)
 
@@ -295,13 +304,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if invalid is not None:
             raise invalid
         # ------------------------------------------------------------ tracker (a mirror; the record stays the truth)
-        tracker = make_tracker(cfg.get("tracker"), cfg.results_dir)  # a missing package fails here, before training
+        if dist.main:  # a missing package fails here, before training
+            tracker = make_tracker(cfg.get("tracker"), cfg.results_dir)
         tracker.start(run_id, record["config"], {**names, "seed": str(cfg.seed), "cell_key": key,
                                                  "attempt": str(record["attempts"])}, run_dir=run_dir)
 
         # ------------------------------------------------------------ setup
         seed_everything(cfg.seed)
         device, autocast_dtype = resolve_device(cfg.device, cfg.precision)
+        device = process_device(dist, device)
         record["env"] = capture_env(device)
         task: Task = build(cfg.task, "task", names["task"])
         method: Method = build(cfg.method, "method", names["method"])
@@ -379,8 +390,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                      make_pruner(OmegaConf.to_container(cfg.protocol), int(cfg.train.max_steps)))
         result = train(model, method, loader, tcfg, device, autocast_dtype, evaluate,
                        progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log,
-                       on_eval=reporter)
+                       on_eval=reporter, dist=dist)
         record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
+        if not dist.main:  # rank 0 evaluates, post-trains, exports and records
+            return record
 
         # ------------------------------------------------------------ post-train + evaluate
         # what training updated, counted before post_train (compression methods swap the trained adapter for another)
@@ -441,8 +454,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Preempted as e:
         record.update(status="preempted", error={"type": "Preempted", "message": str(e), "step": e.step})
         log.warning("%s preempted: %s", run_id, e)
-        write_unless_finished_elsewhere(store, record)
-        tracker.finish(record)  # the signal may end the process before `finally`
+        if dist.main:
+            write_unless_finished_elsewhere(store, record)
+            tracker.finish(record)  # the signal may end the process before `finally`
         signal.raise_signal(e.signum)  # pass it on: SLURM/submitit requeue, or the default termination
     except Pruned as e:
         keep_partial_curve(record, e)
@@ -461,8 +475,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         record["timestamps"]["finished"] = now()
-        write_unless_finished_elsewhere(store, record)
-        tracker.finish(record)  # after the record is written: it never waits on, or depends on, a tracker
+        if dist.main:
+            write_unless_finished_elsewhere(store, record)
+            tracker.finish(record)  # after the record is written: it never waits on, or depends on, a tracker
+        finish(dist)
+    return record
+
+
+def run_processes(cfg: DictConfig, store: RunStore, run_id: str, nproc: int) -> dict[str, Any]:
+    """The cell under torchrun with `nproc` processes (bench/distributed.py); returns the record rank 0 wrote."""
+    hc = HydraConfig.get()
+    log.info("run %s with %d processes (train.strategy=%s)", run_id, nproc, cfg.train.strategy)
+    code = launch(list(hc.overrides.task), nproc, hc.runtime.output_dir)
+    record = store.read(run_id)
+    if record is None:
+        raise RuntimeError(f"{run_id}: torchrun exited with status {code} before rank 0 wrote a record; see "
+                           f"{hc.runtime.output_dir}/rank*/ for each process's log")
+    if code != 0 and record.get("status") in ("running", None):  # a process died without its record saying why
+        record.update(status="failed", error={"type": "ProcessFailed", "message": (
+            f"torchrun exited with status {code}; see {hc.runtime.output_dir}/rank*/ for each process's log")})
+        store.write(record)
     return record
 
 

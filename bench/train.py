@@ -7,6 +7,7 @@ methods/base.py (extra_loss, on_step_begin, on_after_backward, on_step_end).
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import random
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bench.distributed import SINGLE, Dist, shard, wrap
 from methods.base import Batch, Method
 
 
@@ -195,15 +197,19 @@ class Trainer:
     """One optimizer step at a time: the method's optimizer under warmup + linear decay, over endless batches.
 
     `train()` drives it for a whole run; the step-time benchmark (bench/steptime.py) interleaves several.
+    Under a multi-process strategy (bench/distributed.py) each process takes its share of every global batch and
+    calls forward through the DDP wrapper; the loss and token counts it reports are those of the global batch.
     """
 
     def __init__(self, model: nn.Module, method: Method, loader: DataLoader, cfg: Any, device: torch.device,
-                 autocast_dtype: torch.dtype | None) -> None:
+                 autocast_dtype: torch.dtype | None, dist: Dist = SINGLE) -> None:
         self.model, self.method, self.cfg, self.device, self.autocast_dtype = model, method, cfg, device, autocast_dtype
+        self.dist = dist
         self.optimizer = method.make_optimizer(model, weight_decay=cfg.weight_decay)
         self.warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps))
-        self.data = batches(loader)
+        self.data = shard(batches(loader), dist)
+        self.forward = wrap(model, dist, device)  # the model itself in one process
         self.step_index = 0
         model.train()  # every module (a wrapper such as PEFT's may sit in train mode around a base left in eval)
 
@@ -216,19 +222,26 @@ class Trainer:
 
         # forward / backward over grad_accum micro-batches
         losses, step_tokens = [], 0
-        for _ in range(cfg.grad_accum):
-            host = next(self.data)
+        for micro in range(cfg.grad_accum):
+            host, weight = next(self.data)  # weight: 1 in one process (bench.distributed.shard)
             step_tokens += int(host["attention_mask"].sum()) if "attention_mask" in host else 0  # on the host: no sync
             batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
-            with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                outputs = model(**batch)
-                loss = outputs.loss
+            last = micro + 1 == cfg.grad_accum
+            sync = self.forward.no_sync() if self.forward is not model and not last else contextlib.nullcontext()
+            with sync, torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                outputs = self.forward(**batch)
+                loss = outputs.loss * weight if weight != 1.0 else outputs.loss
                 extra = method.extra_loss(model, batch, outputs)
                 if extra is not None:
                     loss = loss + extra
-            (loss / cfg.grad_accum).backward()
+                (loss / cfg.grad_accum).backward()
             losses.append(loss.detach())
-        step_loss = (torch.stack(losses).double().sum() / cfg.grad_accum).item()  # one device sync per step
+        local = torch.stack(losses).double().sum() / cfg.grad_accum
+        if self.dist.active:  # the global batch's loss and tokens: one all-reduce of two numbers
+            total = self.dist.sum(torch.stack([local, local.new_tensor(float(step_tokens))]).to(self.dist.device_hint))
+            step_loss, step_tokens = total[0].item() / self.dist.world, int(total[1].item())
+        else:
+            step_loss = local.item()  # one device sync per step
         if not math.isfinite(step_loss):
             raise Diverged(step, step_loss)
 
@@ -246,6 +259,8 @@ class Trainer:
             self.optimizer = rebuild_optimizer(method, model, self.optimizer, cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps), last_epoch=step)
+            if self.forward is not model:  # a new trainable set: DDP registers its gradient hooks anew
+                self.forward = wrap(model, self.dist, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.step_index += 1
@@ -295,14 +310,15 @@ def remove_stale_temporaries(checkpoint: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, method: Method, loader: DataLoader, cfg: Any,
-                    device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[Trainer, TrainResult]:
+                    device: torch.device, autocast_dtype: torch.dtype | None,
+                    dist: Dist = SINGLE) -> tuple[Trainer, TrainResult]:
     """A Trainer positioned where the checkpoint was taken. The method's state is loaded first (it may restore
     structure: masks, ranks, active layers), then the trainable tensors, then the optimizer over that trainable set;
     the data iterator is advanced past the batches already seen before the RNG states are restored."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     method.load_state_dict(state["method"])
     method.load_adapter_state_dict(model, state["trainable"])
-    trainer = Trainer(model, method, loader, cfg, device, autocast_dtype)
+    trainer = Trainer(model, method, loader, cfg, device, autocast_dtype, dist)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     for _ in range(state["step"] * cfg.grad_accum):
@@ -353,6 +369,7 @@ def train(
     checkpoint: Path | None = None,
     on_log: Callable[[int, dict[str, Any]], None] | None = None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    dist: Dist = SINGLE,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each.
 
@@ -368,14 +385,15 @@ def train(
         remove_stale_temporaries(checkpoint)
         if checkpoint.exists():
             try:
-                resumed = load_checkpoint(checkpoint, model, method, loader, cfg, device, autocast_dtype)
+                resumed = load_checkpoint(checkpoint, model, method, loader, cfg, device, autocast_dtype, dist)
             except FileNotFoundError:  # another run of this cell finished and removed it meanwhile: start over
                 resumed = None
     if resumed is not None:
         trainer, result = resumed
         result.resumed_from.append(trainer.step_index)
     else:
-        trainer, result = Trainer(model, method, loader, cfg, device, autocast_dtype), TrainResult()
+        trainer, result = Trainer(model, method, loader, cfg, device, autocast_dtype, dist), TrainResult()
+    progress = progress and dist.main  # one bar per cell
     bar = tqdm(total=cfg.max_steps, initial=trainer.step_index, desc=desc, disable=not progress, dynamic_ncols=True)
     guard = LossGuard(cfg.max_steps, trainer.warmup, result.early_losses)
     with PeakMemory(device) as memory, _Signals() as signals:
@@ -412,17 +430,19 @@ def train(
                             checkpoint.unlink(missing_ok=True)
                         raise
             if checkpoint is not None and step + 1 < cfg.max_steps:
-                if signals.received is not None:
-                    save_checkpoint(checkpoint, trainer, result)
+                if dist.any_flag(signals.received is not None):  # every process stops at the same step
+                    if dist.main:
+                        save_checkpoint(checkpoint, trainer, result)
+                    dist.barrier()
                     bar.close()
-                    raise Preempted(signals.received, step + 1, checkpoint)
-                if every and (step + 1) % every == 0:
+                    raise Preempted(signals.received or signal.SIGTERM, step + 1, checkpoint)
+                if every and (step + 1) % every == 0 and dist.main:
                     save_checkpoint(checkpoint, trainer, result)
     bar.close()
     result.train_s = sum(result.step_times)
     result.peak_mem_bytes = max(result.peak_mem_bytes, memory.peak)
     result.peak_mem_kind = memory.kind
     result.optimizer_state_bytes = optimizer_state_bytes(trainer.optimizer)
-    if checkpoint is not None:
+    if checkpoint is not None and dist.main:
         checkpoint.unlink(missing_ok=True)
     return result

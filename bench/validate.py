@@ -82,7 +82,7 @@ SEED = Rule(integer=True, low=0, high=2**32 - 1)  # numpy's seed range
 TRAIN_RULES: dict[str, Rule] = {
     "max_steps": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "warmup_ratio": UNIT, "weight_decay": NON_NEGATIVE,
     "max_grad_norm": POSITIVE, "eval_every": COUNT0, "eval_batch_size": COUNT, "log_every": COUNT,
-    "calibration_batches": COUNT0, "checkpoint_every": COUNT0, "num_workers": COUNT0,
+    "calibration_batches": COUNT0, "checkpoint_every": COUNT0, "num_workers": COUNT0, "nproc": COUNT,
 }
 TRAIN_FLAGS = ("group_by_length", "eval_base")
 TOP_FLAGS = ("force", "progress", "export")
@@ -254,6 +254,14 @@ def config_problems(cfg: Any, names: dict[str, str]) -> list[str]:
         nullable = default is None or key == "max_grad_norm"
         p = check_value(f"train.{key}", train[key], rule, default, "in conf/config.yaml", nullable,
                         TRAIN_HINTS.get(key, ""))
+        if p is not None:
+            problems.append(p)
+
+    nproc, batch = train.get("nproc", 1), train.get("batch_size", 1)
+    if all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (nproc, batch)):  # else named above
+        from bench.distributed import check  # a multi-process cell (bench/distributed.py)
+
+        p = check(str(train.get("strategy", "single")), nproc, batch)
         if p is not None:
             problems.append(p)
 
