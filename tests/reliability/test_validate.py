@@ -81,7 +81,7 @@ def test_every_default_config_is_valid():
         validate_config(compose_cfg([f"task={task}"]), names("lora", task))
     for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
         validate_config(compose_cfg([f"+experiment={experiment}"]), names("lora"))
-    for protocol in ("cheap", "paper"):
+    for protocol in ("cheap", "paper", "sharp"):
         validate_config(compose_cfg([f"protocol={protocol}"]), names("lora"))
 
 
