@@ -8,8 +8,8 @@ What the suite does and what the engine does:
 * The cell's job (any Hydra launcher: basic, submitit local or SLURM) re-executes itself under
   `torch.distributed.run` (torchrun) with `train.nproc` processes on its node (`launch`), waits, and returns the
   record rank 0 wrote. Inside, each process joins the process group torchrun set up (`init`: NCCL on CUDA, gloo on
-  the CPU) and trains the same model: DDP (`torch.nn.parallel.DistributedDataParallel`) averages the gradients;
-  FSDP2 (`torch.distributed.fsdp.fully_shard`) shards parameters, gradients and optimizer state.
+  the CPU) and trains the same model: DDP (`torch.nn.parallel.DistributedDataParallel`) averages the gradients.
+  Sharding (FSDP2's `fully_shard`, `train.strategy=fsdp`) is not built yet.
 * `train.batch_size` stays the global micro-batch: every process builds the same seeded global batch and keeps
   its 1/N of the rows (`shard`), so N processes see exactly the examples one process sees, in the same order, and
   the mean of the N local mean losses is the one-process loss; gradients match to floating-point reduction order.
@@ -19,8 +19,8 @@ What the suite does and what the engine does:
   stop signal on any process stops all of them at the same step (`any_flag`). Periodic evaluations run on every
   process (a pruner decides the same way everywhere); the final evaluation, post-training and export on rank 0.
 * A method whose trainable set changes mid-run (LISA, IncreLoRA, TriAdaptLoRA) gets its DDP wrapper rebuilt with its
-  new optimizer. FSDP2 only takes methods that declare `Method.shardable = True` (their hooks never read a whole
-  parameter or gradient); the others refuse with the reason.
+  new optimizer. Methods that read gradients (GaLore's projections, LoRA-Pro) see DDP's averaged, whole gradients,
+  so they need nothing of their own; every process computes the same update.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-STRATEGIES = ("single", "ddp", "fsdp")
+STRATEGIES = ("single", "ddp")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world > 1 or self.strategy != "single"
+        """In a process group (even of one process: train.strategy=ddp train.nproc=1)."""
+        return self.strategy != "single"
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over the processes (a no-op in one process)."""
@@ -98,7 +99,7 @@ def check(strategy: str, nproc: int, batch_size: int) -> str | None:
     if nproc < 1:
         return f"train.nproc must be >= 1, got {nproc}"
     if strategy == "single" and nproc != 1:
-        return f"train.nproc={nproc} needs train.strategy=ddp or fsdp (train.strategy=single is one process)"
+        return f"train.nproc={nproc} needs train.strategy=ddp (train.strategy=single is one process)"
     if batch_size % nproc:
         return (f"train.batch_size={batch_size} must be divisible by train.nproc={nproc}: it is the global "
                 "micro-batch, split evenly over the processes")
@@ -107,8 +108,8 @@ def check(strategy: str, nproc: int, batch_size: int) -> str | None:
 
 def join(strategy: str, device: torch.device) -> Dist:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU); one process stays SINGLE."""
-    if not under_torchrun():
-        return SINGLE if strategy == "single" else Dist(strategy=strategy)
+    if strategy == "single" or not under_torchrun():  # bench.run launches a multi-process strategy under torchrun
+        return SINGLE
     import torch.distributed as td
 
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -125,7 +126,7 @@ def process_device(dist: Dist, device: torch.device) -> torch.device:
 
 
 def finish(dist: Dist) -> None:
-    if dist.world > 1:
+    if dist.active:
         import torch.distributed as td
 
         if td.is_initialized():
@@ -162,15 +163,13 @@ def shard(batches: Iterator[Mapping[str, torch.Tensor]], dist: Dist) -> Iterator
 
 def wrap(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
     """What the training step calls forward on: DDP around the model (the model itself stays what methods,
-    evaluation and checkpoints see), or the model itself after FSDP2 sharded it in place."""
-    if not dist.active or dist.strategy == "single":
+    evaluation and checkpoints see); the model itself in one process."""
+    if not dist.active:
         return model
-    if dist.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
 
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
-    raise AssertionError(dist.strategy)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
 
 def launch(overrides: list[str], nproc: int, run_dir: str) -> int:

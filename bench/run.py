@@ -276,10 +276,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  previous["timestamps"]["finished"])
         previous["skipped"] = True
         return previous
-    nproc = int(cfg.train.get("nproc", 1))
-    if invalid is None and nproc > 1 and not under_torchrun():  # the cell's processes write its record
-        return run_processes(cfg, store, run_id, nproc)
-    dist = join(str(cfg.train.get("strategy", "single")), torch.device(
+    strategy = str(cfg.train.get("strategy", "single"))
+    if invalid is None and strategy != "single" and not under_torchrun():  # the cell's processes write its record
+        return run_processes(cfg, store, run_id, int(cfg.train.get("nproc", 1)))
+    dist = join(strategy, torch.device(
         "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")) if invalid is None \
         else SINGLE
     record: dict[str, Any] = {
