@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.records import edge_keys, require_records
+from analysis.records import STUDY_ONLY_ROLES, edge_keys, require_records
 from analysis.stats import welch
 from analysis.tuning import yaml_default
 from bench.tuning import TuningError, fit_sharpness, tuned_lr_points
@@ -38,7 +38,7 @@ def studies(records: Sequence[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]
     spent: dict[str, int] = {}
     for r in records:
         tuning = r.get("tuning") or {}
-        if tuning.get("role") in ("trial", "probe") and r.get("status") in ("completed", "pruned", "diverged"):
+        if tuning.get("role") in STUDY_ONLY_ROLES and r.get("status") in ("completed", "pruned", "diverged"):
             spent[str(tuning.get("study"))] = spent.get(str(tuning.get("study")), 0) + 1
     for r in records:
         tuning = r.get("tuning") or {}
@@ -54,7 +54,7 @@ def studies(records: Sequence[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]
 
 def guess_rows(reference: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Part 1: per tuned reference study with λ_max > 0, the leave-one-method-out guess against the tuned rate."""
-    rows = []
+    rows, points = [], {}  # model -> its (method, λ_max, tuned lr), read once
     for (model, task, method, protocol), entry in sorted(studies(reference).items(), key=lambda kv: str(kv[0])):
         effort = entry["effort"]
         if effort.get("lr_window"):
@@ -64,7 +64,9 @@ def guess_rows(reference: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         if not (isinstance(lam, (int, float)) and lam > 0 and isinstance(chosen, (int, float))):
             continue
         try:
-            fit = fit_sharpness(tuned_lr_points(reference, model), leave_out=method)
+            if model not in points:
+                points[model] = tuned_lr_points(reference, model)
+            fit = fit_sharpness(points[model], leave_out=method)
         except TuningError:
             continue
         default = (effort.get("defaults") or {}).get("lr", yaml_default(method, "lr"))

@@ -1,4 +1,4 @@
-"""Multi-process cells: one cell trained by N processes under torchrun, with DDP (or FSDP2) doing the work.
+"""Multi-process cells: one cell trained by N processes under torchrun, with DDP doing the work.
 
     python -m bench train.strategy=ddp train.nproc=2                 # one cell, 2 processes (gloo on the CPU)
     python -m bench train.strategy=ddp train.nproc=8 device=cuda -m method=lora,full   # a grid, 8 GPUs per cell
@@ -7,12 +7,13 @@ What the suite does and what the engine does:
 
 * The cell's job (any Hydra launcher: basic, submitit local or SLURM) re-executes itself under
   `torch.distributed.run` (torchrun) with `train.nproc` processes on its node (`launch`), waits, and returns the
-  record rank 0 wrote. Inside, each process joins the process group torchrun set up (`init`: NCCL on CUDA, gloo on
+  record rank 0 wrote. Inside, each process joins the process group torchrun set up (`join`: NCCL on CUDA, gloo on
   the CPU) and trains the same model: DDP (`torch.nn.parallel.DistributedDataParallel`) averages the gradients.
   Sharding (FSDP2's `fully_shard`, `train.strategy=fsdp`) is not built yet.
 * `train.batch_size` stays the global micro-batch: every process builds the same seeded global batch and keeps
-  its 1/N of the rows (`shard`), so N processes see exactly the examples one process sees, in the same order, and
-  the mean of the N local mean losses is the one-process loss; gradients match to floating-point reduction order.
+  its 1/N of the rows (`shard`), so N processes see exactly the examples one process sees, in the same order; each
+  local mean loss is weighted by its share of the batch's loss units, so the mean over processes is the one-process
+  loss and gradient, to floating-point reduction order.
 * Every process seeds the same RNG stream, so methods' random choices (DyLoRA's rank, LISA's layers) agree across
   processes without communication; dropout masks of the processes' rows come from that one stream too.
 * Rank 0 writes the record, the checkpoint and the adapter; every process resumes from the same checkpoint; a

@@ -279,8 +279,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     strategy = str(cfg.train.get("strategy", "single"))
     if invalid is None and strategy != "single" and not under_torchrun():  # the cell's processes write its record
         return run_processes(cfg, store, run_id, int(cfg.train.get("nproc", 1)))
-    gpu = (cfg.device == "auto" or str(cfg.device).startswith("cuda")) and torch.cuda.is_available()
-    dist = join(strategy, torch.device("cuda" if gpu else "cpu")) if invalid is None else SINGLE  # NCCL or gloo
+    dist = join(strategy, resolve_device(cfg.device, cfg.precision)[0]) if invalid is None else SINGLE  # NCCL or gloo
     record: dict[str, Any] = {
         "schema": SCHEMA, "id": run_id, "cell_key": key, "status": "running",
         **names, "suite": None, "seed": int(cfg.seed),
