@@ -64,18 +64,30 @@ KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False
 FINAL_STATUSES = ("completed", "pruned")
 #: the method that reads a PEFT config file (its file's contents and training parameters enter the cell)
 PEFT_CONFIG_TARGET = "methods.peft_config.PeftConfigMethod"
+#: the task that merges member adapters (tasks/merge.py): its cells are named after their merger too
+MERGE_TARGET = "tasks.merge.MergeTask"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def cell_names(cfg: DictConfig, choices: Any = None) -> dict[str, str]:
     """The option names of the cell (method, task, model): Hydra's choices, i.e. the YAML file names; a PEFT config
-    run (method=peft) is named after its experiment, `peft/<tuner>/<variant>`, as PEFT's method comparison does."""
+    run (method=peft) is named after its experiment, `peft/<tuner>/<variant>`, as PEFT's method comparison does; a merge
+    cell after its merger, `merge/<members>/<merger>`, so that two mergers of one method are two rows, never seeds."""
     choices = HydraConfig.get().runtime.choices if choices is None else choices
     names = {group: str(choices[group]) for group in ("method", "task", "model")}
     if cfg.method.get("_target_") == PEFT_CONFIG_TARGET and cfg.method.get("config"):
         from methods.peft_config import experiment_name  # each PEFT config is its own method in the tables
 
         names["method"] = f"{names['method']}/{experiment_name(cfg.method.config)}"
+    if cfg.task.get("_target_") == MERGE_TARGET:
+        names["task"] = f"{names['task']}/{cfg.task.get('merger')}"
     return names
+
+
+def run_id_of(names: dict[str, str], seed: int, key: str) -> str:
+    """`<task>__<method>__<model>__s<seed>__<key[:8]>`, the option names' slashes turned into dashes."""
+    return (f"{names['task'].replace('/', '-')}__{names['method'].replace('/', '-')}__{names['model']}__s{seed}__"
+            f"{key[:8]}")
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
@@ -139,7 +151,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
@@ -266,7 +278,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise  # the run id holds the seed: no record can be named
         invalid = e  # the cell's record says failed, with this error, and nothing runs
     key = cell_key(cfg, names)
-    run_id = f"{names['task'].replace('/', '-')}__{names['method'].replace('/', '-')}__{names['model']}__s{cfg.seed}__{key[:8]}"
+    run_id = run_id_of(names, cfg.seed, key)
     store = RunStore(Path(cfg.results_dir))
     previous = store.read(run_id)
     if invalid is not None and previous and previous["status"] in FINAL_STATUSES:
@@ -313,6 +325,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         device = process_device(dist, device)
         record["env"] = capture_env(device)
         task: Task = build(cfg.task, "task", names["task"])
+        if cfg.task.get("_target_") == MERGE_TARGET:  # a merge trains nothing itself: its members are cells
+            from bench.merge import run_merge
+
+            record.update(run_merge(cfg, task, store, device, autocast_dtype, list(HydraConfig.get().overrides.task)))
+            record["status"] = "completed"
+            return record  # `finally` writes it
         method: Method = build(cfg.method, "method", names["method"])
         if task.head.kind in method.unsupported_heads:  # before the model loads: the method cannot train this head
             raise ConfigError(f"method={names['method']} cannot train task={names['task']} (a {task.head.kind} "

@@ -119,7 +119,9 @@ METHOD_PATTERNS: tuple[tuple[str, Rule], ...] = (
     (r"_ratio$", UNIT),
     (r"_seed$|_prng_key$", COUNT0),
 )
-TASK_RULES: dict[str, Rule] = {"max_length": COUNT, "num_labels": Rule(integer=True, low=1)}
+TASK_RULES: dict[str, Rule] = {"max_length": COUNT, "num_labels": Rule(integer=True, low=1),
+                               # a merge (tasks/merge.py): λ, the fraction of entries kept, LoRA-LEGO's k
+                               "scale": POSITIVE, "density": UNIT_POSITIVE, "clusters": COUNT}
 TASK_PATTERNS: tuple[tuple[str, Rule], ...] = (
     (r"^max_(train|eval)_samples$", COUNT),  # null: all rows
     (r"_seed$", COUNT0),
@@ -162,6 +164,9 @@ def yaml_defaults(group: str, option: str) -> tuple[dict[str, Any], str]:
     """The raw keys of conf/<group>/<option>.yaml (a `# @package _global_` file's task: block; a GLUE subtask's
     defaults file merged under it) and where they come from, for the fix in a message."""
     path = CONF / group / f"{option}.yaml"
+    while not path.is_file() and "/" in option:  # a cell named past its option (merge/glue/ties, peft/lora/x)
+        option = option.rsplit("/", 1)[0]
+        path = CONF / group / f"{option}.yaml"
     raw = _yaml(path)
     keys = dict(raw.get(group, raw)) if isinstance(raw.get(group, raw), dict) else {}
     # the option's own defaults list: method/dora.yaml `[lora, _self_]`, glue/sst2.yaml `[glue/_common@_here_, _self_]`
