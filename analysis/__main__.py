@@ -8,6 +8,7 @@
     python -m analysis tuning      [--results results] [--out DIR]
     python -m analysis sharpness   [--reference results/zoo] [--results results/zoo_sharp] [--out DIR]
     python -m analysis claims      [--results-root .] [--out results/claims]
+    python -m analysis merge       [--results results/merge] [--out DIR]
     python -m analysis explore     [--results results] [--out <results>/explorer.html]
 """
 
@@ -300,6 +301,17 @@ def _claims(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """merge.{md,csv} and merge_normalized.{png,pdf}: how much of each member survives each merger."""
+    from analysis.merging import write_merge_report
+
+    paths = write_merge_report(args.results, args.out)
+    _print_paths(paths)
+    print()
+    print(paths[0].read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def _explore(args: argparse.Namespace) -> int:
     """explorer.html: the leaderboard, Pareto plots and curves in one standalone page."""
     from analysis.explorer import write_explorer
@@ -378,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output directory (default: <results-root>/results/claims)")
     claims.add_argument("--conf", type=Path, default=None, help="claim files (default: the repository's conf/claim)")
     claims.set_defaults(func=_guarded(_claims))
+
+    merge = commands.add_parser("merge", help="adapter merging: each merger's share of the members' scores")
+    merge.add_argument("--results", type=Path, default=Path("results/merge"),
+                       help="results directory of merge cells (default: results/merge)")
+    merge.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
+    merge.set_defaults(func=_guarded(_merge))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
     figure.add_argument("name", nargs="?", help="figure name (see --list), or all")
