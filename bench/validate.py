@@ -121,7 +121,9 @@ METHOD_PATTERNS: tuple[tuple[str, Rule], ...] = (
 )
 TASK_RULES: dict[str, Rule] = {"max_length": COUNT, "num_labels": Rule(integer=True, low=1),
                                # a merge (tasks/merge.py): λ, the fraction of entries kept, LoRA-LEGO's k
-                               "scale": POSITIVE, "density": UNIT_POSITIVE, "clusters": COUNT}
+                               "scale": POSITIVE, "density": UNIT_POSITIVE, "clusters": COUNT,
+                               # distribution shift (tasks/shift.py): α-BN's source weight, LAME's neighbours
+                               "alpha": UNIT, "lame_knn": COUNT}
 TASK_PATTERNS: tuple[tuple[str, Rule], ...] = (
     (r"^max_(train|eval)_samples$", COUNT),  # null: all rows
     (r"_seed$", COUNT0),

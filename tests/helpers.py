@@ -48,7 +48,9 @@ def tiny_model_for(task: str) -> str:
         return "tiny_bert"
     if target == "tasks.dreambooth.DreamBoothTask":  # text-to-image: the tiny random Stable Diffusion
         return "tiny_sd"
-    if target == "tasks.vision.ImageClassificationTask":  # image classification: the tiny random ViT
+    from tasks.vision import ImageClassificationTask
+
+    if issubclass(get_class(target), ImageClassificationTask):  # image classification: the tiny random ViT
         return "tiny_vit"
     return "tiny_llama" if issubclass(get_class(target), GenerativeTask) else "tiny_bert"
 
