@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test leaderboard tables intruders clean slurm browser
+.PHONY: install demo test leaderboard tables intruders merge shift clean slurm browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,21 @@ tables: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.catalogue
 	$(BIN)/python -m analysis explore --results results/zoo
 	$(BIN)/python -m analysis explore
+	$(BIN)/python -m analysis merge --results results/merge
+	$(BIN)/python -m analysis leaderboard --results results/shift
+
+# the merge table: every merger over LoRA's and full fine-tuning's adapters of four GLUE tasks (members train first)
+MERGERS = average,task_arithmetic,ties,dare_linear,dare_ties
+merge: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=merge/glue method=lora task.merger=$(MERGERS),lora_lego results_dir=results/merge -m
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=merge/glue method=full task.merger=$(MERGERS) results_dir=results/merge -m
+	$(BIN)/python -m analysis merge --results results/merge
+
+# the shift table: LoRA and full fine-tuning of EfficientNet-Lite0 scored on CIFAR-10-C corruptions, α-BN, LAME
+shift: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench +experiment=shift -m
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench +experiment=shift method=full method.lr=3e-4
+	$(BIN)/python -m analysis leaderboard --results results/shift
 
 # issue-9 grid: full fine-tuning vs LoRA r=1, r=8 (lr 3e-3, 800 steps), 2 seeds; intruder report and every figure
 intruders: install
