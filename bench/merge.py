@@ -113,10 +113,10 @@ def train_members(members: list[Member], store: RunStore) -> None:
         record = store.read(m.run_id)
         done = record is not None and record.get("status") == "completed"
         if done and has_artifacts(store.run_dir(m.run_id)):
-            log.info("merge member %s: reusing %s", m.task, m.run_id)
+            log.info("member %s: reusing %s", m.task, m.run_id)
         else:
             why = "its record has no delta/adapter files" if done else "no completed record"
-            log.info("merge member %s: training %s (%s)", m.task, m.run_id, why)
+            log.info("member %s: training %s (%s)", m.task, m.run_id, why)
             cmd = [sys.executable, "-m", "bench", *m.overrides, "record.save_delta=true", "record.save_adapter=true",
                    *(["force=true"] if done else [])]
             code = subprocess.run(cmd, check=False).returncode
@@ -124,11 +124,11 @@ def train_members(members: list[Member], store: RunStore) -> None:
             if code != 0 or record is None or record.get("status") != "completed":
                 status = (record or {}).get("status", "no record")
                 message = ((record or {}).get("error") or {}).get("message", "")
-                raise RuntimeError(f"merge member {m.task} ({m.run_id}) did not complete: {status} {message} "
+                raise RuntimeError(f"member {m.task} ({m.run_id}) did not complete: {status} {message} "
                                    f"(exit status {code}); run it alone to see why: python -m bench "
                                    f"{' '.join(m.overrides)}")
             if not has_artifacts(store.run_dir(m.run_id)):
-                raise RuntimeError(f"merge member {m.run_id} completed without delta.safetensors and "
+                raise RuntimeError(f"member {m.run_id} completed without delta.safetensors and "
                                    "adapter.safetensors; its method wrote no ΔW (method.mergeable is false?)")
         m.record = record
 

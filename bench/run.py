@@ -59,13 +59,16 @@ NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"
 # adding a key never orphans a committed record; set to anything else, they enter the key like every other key.
 # (group, key) -> that value. A key whose default changes the result must not be listed here.
 KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False, ("train", "compile"): False,
-                                                ("train", "strategy"): "single", ("train", "nproc"): 1}
+                                                ("train", "strategy"): "single", ("train", "nproc"): 1,
+                                                ("train", "init_from"): None}
 #: Statuses that end a cell: a rerun skips it unless force=true (a pruned trial is a finished trial).
 FINAL_STATUSES = ("completed", "pruned")
 #: the method that reads a PEFT config file (its file's contents and training parameters enter the cell)
 PEFT_CONFIG_TARGET = "methods.peft_config.PeftConfigMethod"
 #: the task that merges member adapters (tasks/merge.py): its cells are named after their merger too
 MERGE_TARGET = "tasks.merge.MergeTask"
+#: the task that learns a sequence of tasks in turn (tasks/continual.py)
+CONTINUAL_TARGET = "tasks.continual.ContinualTask"
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -244,6 +247,39 @@ def measure_sharpness(model: torch.nn.Module, method: Method, train_batches: Any
     return top_hessian_eigenvalue(model, method.trainable_parameters(model), batches, loss_fn, seed=seed).as_record()
 
 
+def start_from(model: torch.nn.Module, method: Method, store: RunStore, run_id: str, head_modules: list[str],
+               names: dict[str, str]) -> dict[str, Any]:
+    """Load the trained tensors of a completed run of the same method and model into `model` (its task head
+    excepted: each task keeps its own), so that training continues from them; W0 stays the pretrained weight, so
+    this run's ΔW is the whole change since pretraining. Returns what the record says of it."""
+    from safetensors.torch import load_file
+
+    previous = store.read(run_id)
+    if previous is None or previous.get("status") != "completed":
+        raise ConfigError(f"train.init_from={run_id}: no completed run of that id in {store.root}; train it first "
+                          "(a continual task, task=continual/..., trains its stages in order)")
+    for group in ("method", "model"):
+        if previous.get(group) != names[group]:
+            raise ConfigError(f"train.init_from={run_id} is a {group}={previous.get(group)} run; this cell is "
+                              f"{group}={names[group]}: a stage continues a run of its own method and model")
+    path = store.run_dir(run_id) / "adapter.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"train.init_from={run_id} has no adapter.safetensors; rerun it with "
+                          "record.save_adapter=true force=true")
+    saved = load_file(str(path))
+    in_head = lambda n: any(f".{h}." in f".{n}" for h in head_modules)  # noqa: E731  (PEFT prefixes the names)
+    loaded = 0
+    with torch.no_grad():
+        for name, p in method.saved_parameters(model).items():
+            if name in saved and not in_head(name) and saved[name].shape == p.shape:
+                p.copy_(saved[name].to(p.device, p.dtype))
+                loaded += 1
+    if loaded == 0:
+        raise ConfigError(f"train.init_from={run_id}: none of its saved tensors fits this model's "
+                          f"method={names['method']} parameters")
+    return {"run_id": run_id, "task": previous.get("task"), "tensors": loaded}
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors' save_file through a temporary file and a rename: two runs of one cell (two grids on one
     results dir) or a kill mid-write never leave a torn file."""
@@ -331,6 +367,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             record.update(run_merge(cfg, task, store, device, autocast_dtype, list(HydraConfig.get().overrides.task)))
             record["status"] = "completed"
             return record  # `finally` writes it
+        if cfg.task.get("_target_") == CONTINUAL_TARGET:  # so does a continual cell: its stages are cells
+            from bench.continual import run_continual
+
+            record.update(run_continual(cfg, task, store, device, autocast_dtype,
+                                        list(HydraConfig.get().overrides.task)))
+            record["status"] = "completed"
+            return record
         method: Method = build(cfg.method, "method", names["method"])
         if task.head.kind in method.unsupported_heads:  # before the model loads: the method cannot train this head
             raise ConfigError(f"method={names['method']} cannot train task={names['task']} (a {task.head.kind} "
@@ -379,6 +422,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 raise  # a TypeError that names no key to fix is a bug, not a configuration problem
             raise ConfigError(f"method={names['method']}: {e}") from e
         method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)
+        if cfg.train.get("init_from"):  # a continual-learning stage: the previous stage's trained tensors, head aside
+            record["init_from"] = start_from(model, method, store, str(cfg.train.init_from), loaded.head_modules,
+                                             names)
         if cfg.train.get("compile"):
             compile_model(model, method, cfg.train.compile, names["method"])
         if role == "probe" or (role == "trial" and cfg.tune.sharpness and cfg.protocol.get("sharpness_batches")):
