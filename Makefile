@@ -55,7 +55,7 @@ merge: install
 # the shift table: LoRA and full fine-tuning of EfficientNet-Lite0 scored on CIFAR-10-C corruptions, α-BN, LAME
 shift: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench +experiment=shift -m
-	OMP_NUM_THREADS=1 $(BIN)/python -m bench +experiment=shift method=full method.lr=3e-4
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench +experiment=shift task=vision/cifar10_shift method=full method.lr=3e-4
 	$(BIN)/python -m analysis leaderboard --results results/shift
 
 # issue-9 grid: full fine-tuning vs LoRA r=1, r=8 (lr 3e-3, 800 steps), 2 seeds; intruder report and every figure
