@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test leaderboard tables intruders merge shift clean slurm browser
+.PHONY: install demo test leaderboard tables intruders merge continual shift clean slurm browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,7 @@ tables: install
 	$(BIN)/python -m analysis explore --results results/zoo
 	$(BIN)/python -m analysis explore
 	$(BIN)/python -m analysis merge --results results/merge
+	$(BIN)/python -m analysis continual --results results/merge
 	$(BIN)/python -m analysis leaderboard --results results/shift
 
 # the merge table: every merger over LoRA's and full fine-tuning's adapters of four GLUE tasks (members train first)
@@ -51,6 +52,11 @@ merge: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=merge/glue method=lora task.merger=$(MERGERS),lora_lego results_dir=results/merge -m
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=merge/glue method=full task.merger=$(MERGERS) results_dir=results/merge -m
 	$(BIN)/python -m analysis merge --results results/merge
+
+# the continual table: sequential LoRA over the merge table's four GLUE tasks, in its store (the members are reused)
+continual: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=continual/glue method=lora results_dir=results/merge
+	$(BIN)/python -m analysis continual --results results/merge
 
 # the shift table: LoRA and full fine-tuning of EfficientNet-Lite0 scored on CIFAR-10-C corruptions, α-BN, LAME
 shift: install

@@ -9,6 +9,7 @@
     python -m analysis sharpness   [--reference results/zoo] [--results results/zoo_sharp] [--out DIR]
     python -m analysis claims      [--results-root .] [--out results/claims]
     python -m analysis merge       [--results results/merge] [--out DIR]
+    python -m analysis continual   [--results results/merge] [--out DIR]
     python -m analysis explore     [--results results] [--out <results>/explorer.html]
 """
 
@@ -312,6 +313,17 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _continual(args: argparse.Namespace) -> int:
+    """continual.md: average accuracy, backward and forward transfer, and each method's score matrix."""
+    from analysis.merging import write_continual_report
+
+    paths = write_continual_report(args.results, args.out)
+    _print_paths(paths)
+    print()
+    print(paths[0].read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def _explore(args: argparse.Namespace) -> int:
     """explorer.html: the leaderboard, Pareto plots and curves in one standalone page."""
     from analysis.explorer import write_explorer
@@ -396,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results directory of merge cells (default: results/merge)")
     merge.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
     merge.set_defaults(func=_guarded(_merge))
+
+    continual = commands.add_parser("continual", help="continual learning: average, backward and forward transfer")
+    continual.add_argument("--results", type=Path, default=Path("results/merge"),
+                           help="results directory of continual cells (default: results/merge, beside the merge "
+                                "cells whose GLUE members they share)")
+    continual.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
+    continual.set_defaults(func=_guarded(_continual))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
     figure.add_argument("name", nargs="?", help="figure name (see --list), or all")

@@ -137,3 +137,60 @@ def write_merge_report(results: Path, out_dir: Path | None = None) -> list[Path]
     md.write_text(report(table, Path(results)), encoding="utf-8")
     table.to_csv(csv, index=False)
     return [md, csv, *figure(table, out_dir)]
+
+
+# ------------------------------------------------------------------------------------------- continual learning
+
+
+def continual_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per completed continual record (bench/continual.py): its sequence, method, model, seed, transfer
+    metrics and score matrix."""
+    rows = []
+    for r in latest_per_cell(records):
+        if r.get("status") != "completed" or not r.get("stages") or not is_reported(r):
+            continue
+        m = r.get("metrics") or {}
+        rows.append({"sequence": " → ".join(s["task"] for s in r["stages"]), "method": r.get("method"),
+                     "model": r.get("model"), "seed": r.get("seed"), "average": m.get("average"),
+                     "bwt": m.get("bwt"), "fwt": m.get("fwt"), "matrix": r.get("matrix"),
+                     "tasks": [s["task"] for s in r["stages"]]})
+    return pd.DataFrame(rows)
+
+
+def continual_report(rows: pd.DataFrame, results: Path) -> str:
+    out = ["# Continual learning", "",
+           f"Continual cells in `{results}` (`python -m bench task=continual/<name> ...`, bench/continual.py): one "
+           "model learns the tasks in turn, each stage starting from the previous stage's trained tensors with a new "
+           "head. `average`: the final model on every task; `bwt`: mean change on earlier tasks since they were "
+           "learnt (negative = forgetting); `fwt`: each later task learnt in sequence minus learnt alone from the "
+           "pretrained model. Main metrics ×100; mean ± std over `n` seeds.", ""]
+    for (sequence, model), part in rows.groupby(["sequence", "model"], sort=True):
+        out += [f"## {sequence} on {model}", ""]
+        grouped = part.groupby("method")
+        table = pd.DataFrame({
+            metric: [_mean_std(g[metric].mean(), g[metric].std(ddof=1), len(g)) for _, g in grouped]
+            for metric in ("average", "bwt", "fwt")}, index=[name for name, _ in grouped])
+        table["n"] = [len(g) for _, g in grouped]
+        out += [table.rename_axis("method").reset_index().to_markdown(index=False, disable_numparse=True), ""]
+        for method, g in grouped:  # the seed-0 (or first) matrix, to read where the forgetting happens
+            first = g.sort_values("seed").iloc[0]
+            tasks = first["tasks"]
+            matrix = pd.DataFrame([[_pct(v) for v in row] for row in first["matrix"]],
+                                  index=[f"after {t}" for t in tasks], columns=tasks)
+            out += [f"{method}, seed {first['seed']}: score on each task (columns) after each stage (rows)", "",
+                    matrix.rename_axis("").reset_index().to_markdown(index=False, disable_numparse=True), ""]
+    return "\n".join(out)
+
+
+def write_continual_report(results: Path, out_dir: Path | None = None) -> list[Path]:
+    """continual.md of the continual cells under `results`."""
+    records, _ = require_records(Path(results))
+    rows = continual_rows(records)
+    if not len(rows):
+        raise NoRecordsError(f"no completed continual record in {Path(results) / 'runs'}; run "
+                             "`python -m bench task=continual/glue method=lora` first")
+    out_dir = Path(out_dir or results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "continual.md"
+    path.write_text(continual_report(rows, Path(results)), encoding="utf-8")
+    return [path]

@@ -68,3 +68,26 @@ def test_no_merge_record_is_an_error_naming_the_command(tmp_path):
                                                                       "task": "glue/sst2", "cell_key": "k"}))
     with pytest.raises(NoRecordsError, match="task=merge/glue"):
         write_merge_report(tmp_path)
+
+
+def write_continual(results, method, seed, matrix):
+    from tasks.continual import transfer
+
+    tasks = ["glue/sst2", "glue/mrpc"]
+    metrics = transfer(matrix, [matrix[0][0], 0.8])
+    run_id = f"continual-glue__{method}__minilm__s{seed}__0000"
+    record = {"id": run_id, "cell_key": f"c{method}{seed}", "status": "completed", "task": "continual/glue",
+              "method": method, "model": "minilm", "seed": seed, "metrics": metrics, "matrix": matrix,
+              "stages": [{"task": t} for t in tasks], "timestamps": {"finished": "2026-12-07T00:00:00+00:00"}}
+    (results / "runs" / run_id).mkdir(parents=True)
+    (results / "runs" / run_id / "record.json").write_text(json.dumps(record))
+
+
+def test_continual_report_gives_transfer_and_the_score_matrix(tmp_path, capsys):
+    write_continual(tmp_path, "lora", 0, [[0.9, None], [0.7, 0.85]])
+    write_continual(tmp_path, "lora", 1, [[0.9, None], [0.5, 0.85]])
+    assert main(["continual", "--results", str(tmp_path)]) == 0
+    text = (tmp_path / "continual.md").read_text()
+    assert "## glue/sst2 → glue/mrpc on minilm" in text
+    assert "-30.0 ± 14.1" in text  # bwt: (0.7 − 0.9, 0.5 − 0.9) over two seeds
+    assert "| after glue/mrpc | 70.0        | 85.0        |" in text
