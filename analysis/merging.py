@@ -46,13 +46,12 @@ def merge_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (members, model, method, merger): seeds, and the mean and std of every score column."""
-    keys = ["members", "model", "method", "merger"]
-    scores = [c for c in rows.columns if c not in (*keys, "seed", "scale", "density")]
+    keys = ["members", "model", "method", "merger", "scale", "density"]  # other settings are other rows, not seeds
+    scores = [c for c in rows.columns if c not in (*keys, "seed")]
     grouped = rows.groupby(keys, dropna=False)
     out = grouped[scores].mean()
     std = grouped[scores].std(ddof=1).add_suffix(" std")
-    settings = grouped[["scale", "density"]].first()
-    return pd.concat([grouped.size().rename("n"), settings, out, std], axis=1).reset_index()
+    return pd.concat([grouped.size().rename("n"), out, std], axis=1).reset_index()
 
 
 def _pct(v: Any) -> str:
@@ -88,7 +87,8 @@ def report(table: pd.DataFrame, results: Path) -> str:
             "merged": part["merged_avg"].map(_pct), "indiv.": part["individual_avg"].map(_pct), "n": part["n"],
         })
         out += [shown.to_markdown(index=False, disable_numparse=True), ""]
-        best = part.loc[part.groupby("method")["normalized_avg"].idxmax()]
+        scored = part.dropna(subset=["normalized_avg"])
+        best = scored.loc[scored.groupby("method")["normalized_avg"].idxmax()]
         out += ["Best merger per method: " + "; ".join(
             f"{m}: {g} ({_pct(v)})" for m, g, v in zip(best["method"], best["merger"], best["normalized_avg"])) + ".",
             ""]

@@ -269,7 +269,10 @@ def run_merge(cfg: DictConfig, task: MergeTask, store: RunStore, device: torch.d
         metrics[f"{m.task}/normalized"] = scores[main] / individual[m.task] if individual[m.task] > 0 else float("nan")
         higher[f"{m.task}/individual"] = higher[f"{m.task}/normalized"] = True
     t = len(members)
-    metrics["normalized_avg"] = sum(metrics[f"{m.task}/normalized"] for m in members) / t
+    ratios = [metrics[f"{m.task}/normalized"] for m in members if metrics[f"{m.task}/normalized"] == metrics[f"{m.task}/normalized"]]
+    # over the members with a ratio (a member that learnt nothing has none); how many is recorded beside it
+    metrics["normalized_avg"] = sum(ratios) / len(ratios) if ratios else float("nan")
+    metrics["normalized_members"] = float(len(ratios))
     metrics["merged_avg"] = sum(metrics[f"{m.task}/{m.record['main_metric']}"] for m in members) / t
     metrics["individual_avg"] = sum(individual.values()) / t
     higher.update(normalized_avg=True, merged_avg=True, individual_avg=True)

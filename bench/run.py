@@ -277,6 +277,16 @@ def start_from(model: torch.nn.Module, method: Method, store: RunStore, run_id: 
     if loaded == 0:
         raise ConfigError(f"train.init_from={run_id}: none of its saved tensors fits this model's "
                           f"method={names['method']} parameters")
+    delta_path = store.run_dir(run_id) / "delta.safetensors"
+    if method.mergeable and delta_path.is_file():  # the loaded model must be the one that run ended with
+        before = load_file(str(delta_path))
+        now_ = method.delta_weights(model)
+        off = max((float((now_[n] - d).norm() / max(float(d.norm()), 1e-12)) for n, d in before.items()
+                   if n in now_), default=0.0)
+        if off > 1e-3:
+            raise ConfigError(f"train.init_from={run_id}: method={names['method']} re-initialises its update "
+                              f"before training (its ΔW is {off:.2g} off the run it starts from after loading), so "
+                              "it cannot continue a stage; choose a method without a data-dependent init")
     return {"run_id": run_id, "task": previous.get("task"), "tensors": loaded}
 
 

@@ -77,6 +77,8 @@ class MergeTask:
             raise ValueError(f"task.members are the tasks whose adapters are merged, not merges: {members}")
         if merger not in MERGERS:
             raise ValueError(f"unknown task.merger={merger!r}; choose from {', '.join(MERGERS)}")
+        if merger == "lora_lego" and scale is not None:
+            raise ValueError("task.merger=lora_lego sets its scale by its own reweighting; set task.scale=null")
         if merger == "average" and scale is not None:
             raise ValueError("task.merger=average weights every member 1/T; set task.scale=null, or use "
                              "task.merger=task_arithmetic to choose λ")
