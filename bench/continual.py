@@ -18,23 +18,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from bench.merge import (MATCH_TOLERANCE, Member, Scorer, compose_member, load_member, member_overrides,
-                         train_members)
+from bench.merge import MATCH_TOLERANCE, Member, Scorer, load_member, member_cell, member_overrides, train_members
 from bench.store import RunStore
-from bench.validate import ConfigError
 from tasks.continual import ContinualTask, transfer
-
-
-def member(task: str, overrides: list[str]) -> Member:
-    from bench.run import cell_key, cell_names, run_id_of
-
-    try:
-        cfg, choices = compose_member(overrides)
-    except Exception as e:  # noqa: BLE001  (hydra's errors: an unknown task option, a key the task lacks)
-        raise ConfigError(f"task.sequence: {task} cannot be composed ({e}); stages are task options such as "
-                          "glue/sst2") from e
-    names = cell_names(cfg, choices)
-    return Member(task, overrides, cfg, names, run_id_of(names, cfg.seed, cell_key(cfg, names)))
 
 
 def run_continual(cfg: DictConfig, task: ContinualTask, store: RunStore, device: torch.device,
@@ -44,8 +30,8 @@ def run_continual(cfg: DictConfig, task: ContinualTask, store: RunStore, device:
     stages: list[Member] = []
     for name in task.sequence:
         extra = [*task.member_overrides, *([f"train.init_from={stages[-1].run_id}"] if stages else [])]
-        stages.append(member(name, member_overrides(overrides, name, extra)))
-    alone = [stages[0]] + [member(n, member_overrides(overrides, n, task.member_overrides))
+        stages.append(member_cell(name, member_overrides(overrides, name, extra), "task.sequence"))
+    alone = [stages[0]] + [member_cell(n, member_overrides(overrides, n, task.member_overrides), "task.sequence")
                            for n in task.sequence[1:]]
     train_members(stages + alone[1:], store)  # in order: stage j starts from stage j−1
     t0 = time.perf_counter()

@@ -87,20 +87,22 @@ def compose_member(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
     return cfg, {g: str(choices[g]) for g in ("method", "task", "model")}
 
 
-def resolve_members(cfg: DictConfig, task: MergeTask, overrides: list[str]) -> list[Member]:
+def member_cell(task: str, overrides: list[str], role: str = "task.members") -> Member:
+    """The member cell of `task` composed from `overrides`: its config, option names and run id (`role` names the
+    composite task's key in the error)."""
     from bench.run import cell_key, cell_names, run_id_of
 
-    members = []
-    for name in task.members:
-        member_ov = member_overrides(overrides, name, task.member_overrides)
-        try:
-            mcfg, choices = compose_member(member_ov)
-        except Exception as e:  # noqa: BLE001  (hydra's errors: an unknown task option, a key the member lacks)
-            raise ConfigError(f"task.members: member {name} cannot be composed ({e}); members are task options "
-                              f"such as glue/sst2") from e
-        names = cell_names(mcfg, choices)
-        members.append(Member(name, member_ov, mcfg, names, run_id_of(names, mcfg.seed, cell_key(mcfg, names))))
-    return members
+    try:
+        mcfg, choices = compose_member(overrides)
+    except Exception as e:  # noqa: BLE001  (hydra's errors: an unknown task option, a key the member lacks)
+        raise ConfigError(f"{role}: member {task} cannot be composed ({e}); members are task options such as "
+                          "glue/sst2") from e
+    names = cell_names(mcfg, choices)
+    return Member(task, overrides, mcfg, names, run_id_of(names, mcfg.seed, cell_key(mcfg, names)))
+
+
+def resolve_members(task: MergeTask, overrides: list[str]) -> list[Member]:
+    return [member_cell(name, member_overrides(overrides, name, task.member_overrides)) for name in task.members]
 
 
 def has_artifacts(run_dir: Path) -> bool:
@@ -228,7 +230,7 @@ def run_merge(cfg: DictConfig, task: MergeTask, store: RunStore, device: torch.d
         raise ConfigError(f"method={cfg.method.get('_target_')} has no ΔW (its update depends on the input), so "
                           "its adapters cannot be merged; choose a mergeable method")
     # ---------------------------------------------------------------- members: reuse or train, then load
-    members = resolve_members(cfg, task, overrides)
+    members = resolve_members(task, overrides)
     train_members(members, store)
     t0 = time.perf_counter()
     scorers = [Scorer(m, device, autocast_dtype) for m in members]

@@ -7,6 +7,7 @@ or `failed` (with the error). A completed cell is skipped on rerun unless `force
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import json
 import logging
@@ -69,6 +70,8 @@ PEFT_CONFIG_TARGET = "methods.peft_config.PeftConfigMethod"
 MERGE_TARGET = "tasks.merge.MergeTask"
 #: the task that learns a sequence of tasks in turn (tasks/continual.py)
 CONTINUAL_TARGET = "tasks.continual.ContinualTask"
+#: composite tasks, whose cells are built from other cells: task target -> the recipe that runs one ("module:function")
+COMPOSITE_RECIPES = {MERGE_TARGET: "bench.merge:run_merge", CONTINUAL_TARGET: "bench.continual:run_continual"}
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -371,19 +374,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         device = process_device(dist, device)
         record["env"] = capture_env(device)
         task: Task = build(cfg.task, "task", names["task"])
-        if cfg.task.get("_target_") == MERGE_TARGET:  # a merge trains nothing itself: its members are cells
-            from bench.merge import run_merge
-
-            record.update(run_merge(cfg, task, store, device, autocast_dtype, list(HydraConfig.get().overrides.task)))
+        recipe = COMPOSITE_RECIPES.get(str(cfg.task.get("_target_")))
+        if recipe is not None:  # a merge or continual cell trains nothing itself: its members are cells
+            module, function = recipe.split(":")
+            record.update(getattr(importlib.import_module(module), function)(
+                cfg, task, store, device, autocast_dtype, list(HydraConfig.get().overrides.task)))
             record["status"] = "completed"
             return record  # `finally` writes it
-        if cfg.task.get("_target_") == CONTINUAL_TARGET:  # so does a continual cell: its stages are cells
-            from bench.continual import run_continual
-
-            record.update(run_continual(cfg, task, store, device, autocast_dtype,
-                                        list(HydraConfig.get().overrides.task)))
-            record["status"] = "completed"
-            return record
         method: Method = build(cfg.method, "method", names["method"])
         if task.head.kind in method.unsupported_heads:  # before the model loads: the method cannot train this head
             raise ConfigError(f"method={names['method']} cannot train task={names['task']} (a {task.head.kind} "

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tasks.merge import task_key_overrides
+
 
 class ContinualTask:
     """A sequence of member tasks learnt in order (see the module docstring).
@@ -41,9 +43,7 @@ class ContinualTask:
         if any(t.startswith(("continual/", "merge/")) for t in sequence):
             raise ValueError(f"task.sequence holds the tasks learnt in turn, not composite tasks: {sequence}")
         self.sequence = sequence
-        self.member_overrides = [str(o) for o in member_overrides] + [
-            f"task.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in sorted(member_keys.items())]
+        self.member_overrides = [str(o) for o in member_overrides] + task_key_overrides(member_keys)
 
 
 def transfer(matrix: Sequence[Sequence[float | None]], alone: Sequence[float]) -> dict[str, float]:

@@ -48,6 +48,13 @@ TaskVector = dict[str, Tensor]  # backbone parameter name -> θ_t − θ_0 (the 
 Factors = dict[str, tuple[Tensor, Tensor]]  # adapted layer -> (B (m, r), A (r, n)) with ΔW = B A
 
 
+def task_key_overrides(keys: dict[str, Any]) -> list[str]:
+    """`task.<key>=<value>` overrides of a composite task's keys that belong to its member tasks (an experiment's
+    task.max_train_samples, say), in Hydra's override syntax."""
+    return [f"task.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in sorted(keys.items())]
+
+
 class MergeTask:
     """A merge of adapters trained on `members`, scored on each member (see the module docstring).
 
@@ -95,9 +102,7 @@ class MergeTask:
             raise ValueError(f"task.density is TIES's and DARE's; task.merger={merger} has none "
                              "(set task.density=null)")
         self.clusters = None if clusters is None else int(clusters)
-        self.member_overrides = [str(o) for o in member_overrides] + [
-            f"task.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in sorted(member_keys.items())]
+        self.member_overrides = [str(o) for o in member_overrides] + task_key_overrides(member_keys)
 
     def settings(self) -> dict[str, Any]:
         """What the record says of the merge (the values in effect, defaults filled in)."""

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
 from bench.models import load_model
-from bench.run import build
+from bench.run import COMPOSITE_RECIPES, build
 from bench.train import train
 from methods.base import Method, WrapContext
 
@@ -29,8 +29,7 @@ TASKS = sorted(
     str(p.relative_to(CONF / "task").with_suffix(""))
     for p in (CONF / "task").rglob("*.yaml")
     if not p.name.startswith("_") and "suite:" not in p.read_text()
-    and "tasks.merge.MergeTask" not in p.read_text()  # a merge trains its members: tests/tasks/test_merge.py
-    and "tasks.continual.ContinualTask" not in p.read_text()  # so does a continual task: test_continual.py
+    and not any(t in p.read_text() for t in COMPOSITE_RECIPES)  # they train their members: tests/tasks/test_{merge,continual}.py
     and not re.search(r"^\s*source: hub\b", p.read_text(), re.M)  # hub-only tasks need the network and `datasets`
 )
 
