@@ -10,6 +10,7 @@
     python -m analysis claims      [--results-root .] [--out results/claims]
     python -m analysis merge       [--results results/merge] [--out DIR]
     python -m analysis continual   [--results results/merge] [--out DIR]
+    python -m analysis unlearn     [--results results/unlearn] [--out DIR]
     python -m analysis explore     [--results results] [--out <results>/explorer.html]
 """
 
@@ -324,6 +325,17 @@ def _continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unlearn(args: argparse.Namespace) -> int:
+    """unlearn.{md,csv} and unlearn_tradeoff.{png,pdf}: what each method and objective forgets and keeps."""
+    from analysis.unlearning import write_unlearn_report
+
+    paths = write_unlearn_report(args.results, args.out)
+    _print_paths(paths)
+    print()
+    print(paths[0].read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def _explore(args: argparse.Namespace) -> int:
     """explorer.html: the leaderboard, Pareto plots and curves in one standalone page."""
     from analysis.explorer import write_explorer
@@ -415,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "cells whose GLUE members they share)")
     continual.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
     continual.set_defaults(func=_guarded(_continual))
+
+    unlearn = commands.add_parser("unlearn", help="knowledge unlearning: forget and retain accuracy per objective")
+    unlearn.add_argument("--results", type=Path, default=Path("results/unlearn"),
+                         help="results directory of unlearning cells (default: results/unlearn)")
+    unlearn.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
+    unlearn.set_defaults(func=_guarded(_unlearn))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
     figure.add_argument("name", nargs="?", help="figure name (see --list), or all")

@@ -40,7 +40,7 @@ from bench.trackers import NoTracker, SafeTracker, make_tracker
 from bench.validate import ConfigError, validate_config  # noqa: F401  (ConfigError: re-exported, bench.run.ConfigError)
 from bench.distributed import SINGLE, finish, join, launch, process_device, under_torchrun
 from methods.base import Method, WrapContext
-from tasks.base import Holdout, Task
+from tasks.base import Holdout, Task, model_inputs
 
 log = logging.getLogger("bench")
 
@@ -71,6 +71,8 @@ MERGE_TARGET = "tasks.merge.MergeTask"
 #: the task that learns a sequence of tasks in turn (tasks/continual.py)
 CONTINUAL_TARGET = "tasks.continual.ContinualTask"
 #: composite tasks, whose cells are built from other cells: task target -> the recipe that runs one ("module:function")
+UNLEARN_TARGET = "tasks.unlearn.UnlearnTask"
+#: composite tasks: a cell that trains nothing itself, whose record a recipe builds from member cells
 COMPOSITE_RECIPES = {MERGE_TARGET: "bench.merge:run_merge", CONTINUAL_TARGET: "bench.continual:run_continual"}
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -410,12 +412,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return task.evaluate(m, eval_loader, device, autocast_dtype)
 
         def task_loss(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-            return m(**b).loss
+            return task.objective(m, b).loss  # the model's own loss unless the task has an objective (unlearning)
 
         def train_batches() -> Iterator[dict[str, torch.Tensor]]:
             for batch in train_loader(task, train_rows, collate, cfg.train, int(cfg.seed) + 2):
                 yield {k: v.to(device) for k, v in batch.items()}
 
+        taught: dict[str, float] = {}
+        if str(cfg.task.get("_target_")) == UNLEARN_TARGET:  # unlearning starts from a model taught the facts
+            from bench.unlearn import start_taught
+
+            if cfg.export:
+                raise ConfigError(f"export=true: an unlearning run's adapter applies to its taught model, not to "
+                                  f"model={names['model']}'s weights, so it has no PEFT export; leave export off")
+
+            record["taught"], taught = start_taught(cfg, task, store, loaded.model.to(device), loaded.head_modules,
+                                                    evaluate, list(HydraConfig.get().overrides.task))
         probe_base = task.forgetting_probe(loaded.model.to(device), device, autocast_dtype)  # {} for most tasks
         pretrained = evaluate(loaded.model) if cfg.train.get("eval_base") and role not in ("trial", "probe") else {}
         ctx = WrapContext(head_modules=loaded.head_modules, seed=int(cfg.seed), evaluate=evaluate,
@@ -459,7 +471,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                      make_pruner(OmegaConf.to_container(cfg.protocol), int(cfg.train.max_steps)))
         result = train(model, method, loader, tcfg, device, autocast_dtype, evaluate,
                        progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log,
-                       on_eval=reporter, dist=dist)
+                       on_eval=reporter, dist=dist, objective=task.objective)
         record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
         if not dist.main:  # rank 0 evaluates, post-trains, exports and records
             return record
@@ -475,6 +487,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if getattr(task, "samples", None):  # a few generations with their extracted answers, to read by eye
             record["samples"] = list(task.samples)
         metrics.update({f"pretrained/{name}": value for name, value in pretrained.items()})
+        metrics.update({f"taught/{name}": value for name, value in taught.items()})  # unlearning's "before"
         if probe_base:  # forgetting: loss on general text before and after fine-tuning
             probe = task.forgetting_probe(model, device, autocast_dtype)
             for name, before in probe_base.items():
@@ -500,7 +513,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
             seed_everything(cfg.seed)
             fresh = load_model(cfg.model, task.head).model
-            check = collate(eval_rows[:cfg.train.eval_batch_size])  # a training-style batch: model(**check) runs
+            check = model_inputs(collate(train_rows[:cfg.train.eval_batch_size]))  # model(**check) runs
             card = {**record, "metrics": metrics, "params": {"model_source": loaded.source}}  # README.md's facts
             exported = export(model.to("cpu"), method, fresh, ctx, check, run_dir / "export",
                               base_model_id=str(cfg.model.get("id") or "") or None, card=card)

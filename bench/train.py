@@ -30,6 +30,14 @@ from tqdm.auto import tqdm
 from bench.distributed import SINGLE, Dist, shard, wrap
 from methods.base import Batch, Method
 
+#: a training step's forward: (the model or its DDP wrapper, the batch) -> an output with `.loss` (Task.objective)
+Objective = Callable[[Callable[..., Any], Batch], Any]
+
+
+def model_loss(forward: Callable[..., Any], batch: Batch) -> Any:
+    """The default objective: the model's own loss, `forward(**batch).loss`."""
+    return forward(**batch)
+
 
 class Diverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite, or the loss exploded (LossGuard)."""
@@ -202,9 +210,10 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, method: Method, loader: DataLoader, cfg: Any, device: torch.device,
-                 autocast_dtype: torch.dtype | None, dist: Dist = SINGLE) -> None:
+                 autocast_dtype: torch.dtype | None, dist: Dist = SINGLE, objective: Objective | None = None) -> None:
         self.model, self.method, self.cfg, self.device, self.autocast_dtype = model, method, cfg, device, autocast_dtype
         self.dist = dist
+        self.objective = objective or model_loss  # the task's (Task.objective): model(**batch) unless it has its own
         self.optimizer = method.make_optimizer(model, weight_decay=cfg.weight_decay)
         self.warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps))
@@ -224,12 +233,13 @@ class Trainer:
         losses, step_tokens = [], 0
         for micro in range(cfg.grad_accum):
             host, weight = next(self.data)  # weight: 1 in one process (bench.distributed.shard)
-            step_tokens += int(host["attention_mask"].sum()) if "attention_mask" in host else 0  # on the host: no sync
+            step_tokens += sum(int(v.sum()) for k, v in host.items()  # on the host: no sync; retain_ rows count too
+                               if k.endswith("attention_mask"))
             batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
             last = micro + 1 == cfg.grad_accum
             sync = self.forward.no_sync() if self.forward is not model and not last else contextlib.nullcontext()
             with sync, torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                outputs = self.forward(**batch)
+                outputs = self.objective(self.forward, batch)
                 loss = outputs.loss * weight if weight != 1.0 else outputs.loss
                 extra = method.extra_loss(model, batch, outputs)
                 if extra is not None:
@@ -311,14 +321,14 @@ def remove_stale_temporaries(checkpoint: Path) -> None:
 
 def load_checkpoint(path: Path, model: nn.Module, method: Method, loader: DataLoader, cfg: Any,
                     device: torch.device, autocast_dtype: torch.dtype | None,
-                    dist: Dist = SINGLE) -> tuple[Trainer, TrainResult]:
+                    dist: Dist = SINGLE, objective: Objective | None = None) -> tuple[Trainer, TrainResult]:
     """A Trainer positioned where the checkpoint was taken. The method's state is loaded first (it may restore
     structure: masks, ranks, active layers), then the trainable tensors, then the optimizer over that trainable set;
     the data iterator is advanced past the batches already seen before the RNG states are restored."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     method.load_state_dict(state["method"])
     method.load_adapter_state_dict(model, state["trainable"])
-    trainer = Trainer(model, method, loader, cfg, device, autocast_dtype, dist)
+    trainer = Trainer(model, method, loader, cfg, device, autocast_dtype, dist, objective)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     for _ in range(state["step"] * cfg.grad_accum):
@@ -370,6 +380,7 @@ def train(
     on_log: Callable[[int, dict[str, Any]], None] | None = None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     dist: Dist = SINGLE,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each.
 
@@ -378,6 +389,7 @@ def train(
     training ends. `on_log(step, row)` is called with every curve row and eval_history row as it is appended
     (bench/trackers.py mirrors them to W&B or MLflow). `on_eval(step, metrics)` sees every periodic evaluation and
     may stop training by raising (a tuning trial's pruner raises bench.tuning.Pruned); the checkpoint is then removed.
+    `objective(forward, batch)` is the step's forward (the task's Task.objective; default the model's own loss).
     """
     every = int(getattr(cfg, "checkpoint_every", 0) or 0)
     resumed = None
@@ -385,14 +397,15 @@ def train(
         remove_stale_temporaries(checkpoint)
         if checkpoint.exists():
             try:
-                resumed = load_checkpoint(checkpoint, model, method, loader, cfg, device, autocast_dtype, dist)
+                resumed = load_checkpoint(checkpoint, model, method, loader, cfg, device, autocast_dtype, dist,
+                                          objective)
             except FileNotFoundError:  # another run of this cell finished and removed it meanwhile: start over
                 resumed = None
     if resumed is not None:
         trainer, result = resumed
         result.resumed_from.append(trainer.step_index)
     else:
-        trainer, result = Trainer(model, method, loader, cfg, device, autocast_dtype, dist), TrainResult()
+        trainer, result = Trainer(model, method, loader, cfg, device, autocast_dtype, dist, objective), TrainResult()
     progress = progress and dist.main  # one bar per cell
     bar = tqdm(total=cfg.max_steps, initial=trainer.step_index, desc=desc, disable=not progress, dynamic_ncols=True)
     guard = LossGuard(cfg.max_steps, trainer.warmup, result.early_losses)

@@ -12,6 +12,7 @@ from methods.compress import (CompressedLinear, CompressedLoRA, batch_source, ch
                               score, take_samples)
 from methods.lora import LoraInit
 from methods.lq_lora import QuantConfig
+from tasks.base import model_inputs
 
 
 def eora_factors(delta: torch.Tensor, cov: torch.Tensor, r: int,
@@ -69,7 +70,7 @@ def input_covariances(model: nn.Module, layers: dict[str, nn.Module],
     try:
         for batch in batches:
             mask["now"] = batch.get("attention_mask")
-            model(**batch)
+            model(**model_inputs(batch))  # an unlearning batch's retain rows are not the model's
     finally:
         for h in handles:
             h.remove()

@@ -15,6 +15,7 @@ from methods.base import Batch, LossFn, WrapContext
 from methods.full import Full
 from methods.galore import GaLoreAdamW, projected_param_groups
 from methods.structured_lora import stable_seed
+from tasks.base import model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def input_feature_norms(model: nn.Module, linears: dict[str, nn.Linear],
         with torch.no_grad():
             for batch in batches:
                 mask[0] = batch.get("attention_mask")
-                model(**batch)
+                model(**model_inputs(batch))
                 seen += 1
     finally:
         for h in handles:

@@ -95,10 +95,26 @@ class Task:
         tasks); the runner calls it before and after fine-tuning. Default: {} (no probe)."""
         return {}
 
+    def objective(self, model: Callable[..., Any], batch: Batch) -> Any:
+        """The training step's forward: an output whose `.loss` the optimizer minimises (and whose `.logits` a
+        method's extra loss may read). `model` is the model or its DDP wrapper. Default: `model(**batch)`, the
+        model's own loss; a task with its own objective (unlearning's gradient ascent) overrides it."""
+        return model(**batch)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
                  autocast_dtype: torch.dtype | None) -> dict[str, float]:
         raise NotImplementedError
+
+
+#: the prefix of a training batch's second set of rows (unlearning's retain rows, beside the forget rows)
+RETAIN_PREFIX = "retain_"
+
+
+def model_inputs(batch: Batch) -> Batch:
+    """The keys of a training batch that `model(**batch)` takes: a batch that pairs two sets of rows (unlearning)
+    carries its second set under RETAIN_PREFIX keys, which only the task's objective reads."""
+    return {k: v for k, v in batch.items() if not k.startswith(RETAIN_PREFIX)}
 
 
 @dataclass(frozen=True)
