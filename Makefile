@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test leaderboard tables intruders merge continual shift clean slurm browser
+.PHONY: install demo test leaderboard tables intruders merge continual shift unlearn clean slurm browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,7 @@ tables: install
 	$(BIN)/python -m analysis merge --results results/merge
 	$(BIN)/python -m analysis continual --results results/merge
 	$(BIN)/python -m analysis leaderboard --results results/shift
+	$(BIN)/python -m analysis unlearn --results results/unlearn
 
 # the merge table: every merger over LoRA's and full fine-tuning's adapters of four GLUE tasks (members train first)
 MERGERS = average,task_arithmetic,ties,dare_linear,dare_ties
@@ -52,6 +53,11 @@ merge: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=merge/glue method=lora task.merger=$(MERGERS),lora_lego results_dir=results/merge -m
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=merge/glue method=full task.merger=$(MERGERS) results_dir=results/merge -m
 	$(BIN)/python -m analysis merge --results results/merge
+
+# the unlearning table: LoRA, FILA and full × ga, gd, ihl from one taught SmolLM2 (the teacher cell trains first)
+unlearn: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench +experiment=unlearn -m
+	$(BIN)/python -m analysis unlearn --results results/unlearn
 
 # the continual table: sequential LoRA over the merge table's four GLUE tasks, in its store (the members are reused)
 continual: install

@@ -90,13 +90,14 @@ def compose_member(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
 def member_cell(task: str, overrides: list[str], role: str = "task.members") -> Member:
     """The member cell of `task` composed from `overrides`: its config, option names and run id (`role` names the
     composite task's key in the error)."""
-    from bench.run import cell_key, cell_names, run_id_of
+    from bench.run import apply_training_params, cell_key, cell_names, run_id_of
 
     try:
         mcfg, choices = compose_member(overrides)
     except Exception as e:  # noqa: BLE001  (hydra's errors: an unknown task option, a key the member lacks)
         raise ConfigError(f"{role}: member {task} cannot be composed ({e}); members are task options such as "
                           "glue/sst2") from e
+    apply_training_params(mcfg, overrides)  # as run() does: a method=peft member's run id holds its training params
     names = cell_names(mcfg, choices)
     return Member(task, overrides, mcfg, names, run_id_of(names, mcfg.seed, cell_key(mcfg, names)))
 

@@ -125,10 +125,11 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
     return semantic
 
 
-def apply_training_params(cfg: DictConfig) -> list[str]:
+def apply_training_params(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
     """A PEFT experiment folder (method=peft method.config=DIR) brings its training_params.json: each parameter
-    with a deltabench key (methods/peft_config.py TRAINING_KEYS) sets it, unless the command line set that key,
-    which wins. Returns the parameters that have no deltabench key (logged: the task, model and protocol own them)."""
+    with a deltabench key (methods/peft_config.py TRAINING_KEYS) sets it, unless the command line (`overrides`;
+    default the running app's) set that key, which wins. Returns the parameters that have no deltabench key (logged:
+    the task, model and protocol own them)."""
     if cfg.method.get("_target_") != PEFT_CONFIG_TARGET or not cfg.method.get("config"):
         return []
     from methods.peft_config import training_overrides, training_params
@@ -138,7 +139,8 @@ def apply_training_params(cfg: DictConfig) -> list[str]:
         mapped, ignored = training_overrides(params)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"method.config={cfg.method.config}: {e}") from e
-    given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in (HydraConfig.get().overrides.task if overrides is None
+                                                         else overrides)}
     for key, value in mapped.items():
         if key not in given:
             OmegaConf.update(cfg, key, value, force_add=False)

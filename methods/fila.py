@@ -71,13 +71,13 @@ class FILA(LoRA):
 
     Args:
         epsilon: ε of the importance ratio and of 1/(d + ε) (the reference's 1e-5).
-        (the rest as LoRA; the reference's α = 2r)
+        (the rest as LoRA; the reference's α = 2r, the default here LoRA's α = r)
     """
 
     family = "adapter initialisation"
 
     def __init__(self, lr: float, target_modules: Sequence[str] = ("query", "key", "value", "dense"), r: int = 8,
-                 alpha: float = 16.0, dropout: float = 0.0, epsilon: float = 1e-5) -> None:
+                 alpha: float = 8.0, dropout: float = 0.0, epsilon: float = 1e-5) -> None:
         super().__init__(lr=lr, target_modules=target_modules, r=r, alpha=alpha, dropout=dropout)
         if not epsilon > 0:
             raise ValueError(f"FILA's epsilon must be > 0, got {epsilon}")

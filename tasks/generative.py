@@ -8,6 +8,8 @@ Prompt formats (`prompt_format`):
                   @ 7e2f10abbe8efe212c8fca1d983ae1d04ef13a18), byte for byte, whitespace included: finetune.py's
                   template for training rows, evaluate.py / commonsense_evaluate.py's for evaluation
                   (they differ: two vs one trailing space after "request.", 16 spaces vs none on the blank line).
+    qa            "Question: {instruction}\nAnswer:" and the response after a space (the unlearning reference's
+                  format for Phi; csm9493/efficient-llm-unlearning, TOFU/config/model_config.yaml): short rows.
     auto          chat when the tokenizer has a chat template, else llm_adapters.
 
 Tokenisation: the prompt and the response are encoded separately and concatenated (as lm-eval does), so the loss
@@ -40,7 +42,8 @@ from torch import nn
 
 from tasks.base import Batch, HeadSpec, Task, load_hub_dataset, subset
 
-PromptFormat = Literal["auto", "chat", "llm_adapters"]
+PromptFormat = Literal["auto", "chat", "llm_adapters", "qa"]
+Format = Literal["chat", "llm_adapters", "qa"]  # a resolved prompt format
 Split = Literal["train", "eval", "validation"]
 EvalMode = Literal["generate", "loglik"]
 
@@ -51,6 +54,7 @@ LLM_ADAPTERS_TRAIN_PROMPT = (
     "                ### Response:\n                "
 )
 # evaluate.py / commonsense_evaluate.py generate_prompt(instruction, input=None)
+QA_PROMPT = "Question: {instruction}\nAnswer:"
 LLM_ADAPTERS_EVAL_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
     "                ### Instruction:\n                {instruction}\n\n"
@@ -83,19 +87,19 @@ class Example:
 # ---------------------------------------------------------------------------------------------- prompts and tokens
 
 
-def resolve_format(tokenizer: Any, prompt_format: PromptFormat) -> Literal["chat", "llm_adapters"]:
+def resolve_format(tokenizer: Any, prompt_format: PromptFormat) -> Format:
     """`auto` is chat when the tokenizer has a chat template, else llm_adapters."""
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if prompt_format == "auto":
         return "chat" if has_chat else "llm_adapters"
     if prompt_format == "chat" and not has_chat:
         raise ValueError("prompt_format=chat, but the tokenizer has no chat template; use llm_adapters or auto")
-    if prompt_format not in ("chat", "llm_adapters"):
-        raise ValueError(f"prompt_format must be auto, chat or llm_adapters; got {prompt_format!r}")
+    if prompt_format not in ("chat", "llm_adapters", "qa"):
+        raise ValueError(f"prompt_format must be auto, chat, llm_adapters or qa; got {prompt_format!r}")
     return prompt_format
 
 
-def encode(tokenizer: Any, instruction: str, response: str | None, fmt: Literal["chat", "llm_adapters"],
+def encode(tokenizer: Any, instruction: str, response: str | None, fmt: Format,
            split: Split) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the response (its end-of-turn / EOS included; [] when response is None)."""
     if fmt == "chat":
@@ -108,6 +112,11 @@ def encode(tokenizer: Any, instruction: str, response: str | None, fmt: Literal[
         if not full.startswith(prompt):
             raise ValueError("the chat template does not render the assistant turn after the generation prompt")
         return prompt_ids, tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+    if fmt == "qa":  # "Question: …\nAnswer:" then " response" + EOS
+        prompt_ids = tokenizer(QA_PROMPT.format(instruction=instruction)).input_ids
+        if response is None:
+            return prompt_ids, []
+        return prompt_ids, tokenizer(" " + response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     template = LLM_ADAPTERS_TRAIN_PROMPT if split == "train" else LLM_ADAPTERS_EVAL_PROMPT
     prompt_ids = tokenizer(template.format(instruction=instruction)).input_ids  # BOS if the tokenizer adds one
     if response is None:
@@ -164,7 +173,7 @@ def lm_collate(tokenizer: Any, prompt_format: PromptFormat = "auto", max_length:
     return collate
 
 
-def prompt_batch(tokenizer: Any, instructions: Sequence[str], fmt: Literal["chat", "llm_adapters"]) -> Batch:
+def prompt_batch(tokenizer: Any, instructions: Sequence[str], fmt: Format) -> Batch:
     """Left-padded generation prompts: input_ids and attention_mask, (B, T)."""
     ids = [encode(tokenizer, ins, None, fmt, "eval")[0] for ins in instructions]
     return {"input_ids": pad(ids, pad_id(tokenizer), "left"),
@@ -172,7 +181,7 @@ def prompt_batch(tokenizer: Any, instructions: Sequence[str], fmt: Literal["chat
 
 
 def choices_batch(tokenizer: Any, instructions: Sequence[str], choices: Sequence[Sequence[str]],
-                  fmt: Literal["chat", "llm_adapters"]) -> Batch:
+                  fmt: Format) -> Batch:
     """Every (prompt, candidate response) pair of a batch, left-padded so that the candidates end every row:
     mc_input_ids, mc_attention_mask (N, T); mc_n (N,) candidate tokens; mc_row (N,) the batch row it belongs to;
     mc_choice (N,) its index among that row's choices."""
@@ -355,8 +364,8 @@ class GenerativeTask(Task):
                  probe_source: str = "offline", probe_max_length: int = 128) -> None:
         if eval_mode not in ("generate", "loglik"):
             raise ValueError(f"eval_mode must be generate or loglik; got {eval_mode!r}")
-        if prompt_format not in ("auto", "chat", "llm_adapters"):
-            raise ValueError(f"prompt_format must be auto, chat or llm_adapters; got {prompt_format!r}")
+        if prompt_format not in ("auto", "chat", "llm_adapters", "qa"):
+            raise ValueError(f"prompt_format must be auto, chat, llm_adapters or qa; got {prompt_format!r}")
         self.head = HeadSpec(kind="causal_lm", num_labels=0)  # type: ignore[arg-type]  # see the proposed base.py diff
         self.prompt_format, self.max_length, self.max_new_tokens = prompt_format, int(max_length), int(max_new_tokens)
         self.eval_mode, self.eval_chunk, self.train_on_inputs = eval_mode, int(eval_chunk), bool(train_on_inputs)

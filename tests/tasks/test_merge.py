@@ -242,3 +242,22 @@ def test_lego_centroids_keep_their_members_mean_norm():
     centroid = torch.cat([result.a[0], result.b[:, 0] / (2 / 1) ** 0.5])  # B' without the output reweighting √(r/k)
     assert centroid.norm() == pytest.approx(units.norm(dim=1).mean().item(), rel=1e-5)
     assert units.mean(dim=0).norm() < units.norm(dim=1).mean()  # the norm decay the reweighting undoes
+
+
+def test_a_peft_member_has_the_run_id_a_plain_run_gives(tmp_path):
+    """A method=peft member's training_params.json sets its budget (and so its run id) as in a plain run."""
+    import shutil
+
+    from bench.merge import member_cell
+    from bench.run import apply_training_params, run_id_of
+
+    folder = tmp_path / "peft"
+    shutil.copytree("examples/peft/lora/rank8", folder)
+    (folder / "training_params.json").write_text(json.dumps({"max_steps": 7, "optimizer_kwargs": {"lr": 3e-4}}))
+    overrides = ["method=peft", f"method.config={folder}", "task=glue/rte", "model=tiny_bert"]
+    member = member_cell("glue/rte", overrides)
+    cfg = compose_cfg(overrides)  # the running app's overrides are these
+    apply_training_params(cfg)
+    names = cell_names(cfg)
+    assert member.cfg.train.max_steps == 7 and member.cfg.method.lr == 3e-4
+    assert member.run_id == run_id_of(names, cfg.seed, cell_key(cfg, names))
