@@ -11,6 +11,7 @@
     python -m analysis merge       [--results results/merge] [--out DIR]
     python -m analysis continual   [--results results/merge] [--out DIR]
     python -m analysis unlearn     [--results results/unlearn] [--out DIR]
+    python -m analysis generate    [--results results/generate] [--out DIR]
     python -m analysis explore     [--results results] [--out <results>/explorer.html]
 """
 
@@ -336,6 +337,17 @@ def _unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """generate.md: generated adapters' scores on seen and held-out tasks, against the real adapters'."""
+    from analysis.generation import write_generation_report
+
+    paths = write_generation_report(args.results, args.out)
+    _print_paths(paths)
+    print()
+    print(paths[0].read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def _explore(args: argparse.Namespace) -> int:
     """explorer.html: the leaderboard, Pareto plots and curves in one standalone page."""
     from analysis.explorer import write_explorer
@@ -433,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="results directory of unlearning cells (default: results/unlearn)")
     unlearn.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
     unlearn.set_defaults(func=_guarded(_unlearn))
+
+    generate = commands.add_parser("generate", help="adapter generation: generated against real adapters' scores")
+    generate.add_argument("--results", type=Path, default=Path("results/generate"),
+                          help="results directory of generation cells (default: results/generate)")
+    generate.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
+    generate.set_defaults(func=_guarded(_generate))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
     figure.add_argument("name", nargs="?", help="figure name (see --list), or all")

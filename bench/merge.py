@@ -20,6 +20,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,15 +111,17 @@ def has_artifacts(run_dir: Path) -> bool:
     return (run_dir / "delta.safetensors").is_file() and (run_dir / "adapter.safetensors").is_file()
 
 
-def train_members(members: list[Member], store: RunStore) -> None:
-    """Reuse each completed member with its ΔW and adapter files; train (or rerun) the others, one process each."""
+def train_members(members: list[Member], store: RunStore,
+                  ready: Callable[[Member, Path], bool] = lambda m, run_dir: has_artifacts(run_dir)) -> None:
+    """Reuse each completed member whose run folder is `ready` (default: it has its ΔW and adapter files); train
+    (or rerun) the others, one process each."""
     for m in members:
         record = store.read(m.run_id)
         done = record is not None and record.get("status") == "completed"
-        if done and has_artifacts(store.run_dir(m.run_id)):
+        if done and ready(m, store.run_dir(m.run_id)):
             log.info("member %s: reusing %s", m.task, m.run_id)
         else:
-            why = "its record has no delta/adapter files" if done else "no completed record"
+            why = "its run folder lacks files this cell needs" if done else "no completed record"
             log.info("member %s: training %s (%s)", m.task, m.run_id, why)
             cmd = [sys.executable, "-m", "bench", *m.overrides, "record.save_delta=true", "record.save_adapter=true",
                    *(["force=true"] if done else [])]
@@ -130,9 +133,10 @@ def train_members(members: list[Member], store: RunStore) -> None:
                 raise RuntimeError(f"member {m.task} ({m.run_id}) did not complete: {status} {message} "
                                    f"(exit status {code}); run it alone to see why: python -m bench "
                                    f"{' '.join(m.overrides)}")
-            if not has_artifacts(store.run_dir(m.run_id)):
-                raise RuntimeError(f"member {m.run_id} completed without delta.safetensors and "
-                                   "adapter.safetensors; its method wrote no ΔW (method.mergeable is false?)")
+            if not ready(m, store.run_dir(m.run_id)):
+                raise RuntimeError(f"member {m.run_id} completed without the files this cell needs (delta.safetensors, "
+                                   "adapter.safetensors, snapshots/); its method wrote no ΔW (method.mergeable is "
+                                   "false?)")
         m.record = record
 
 
@@ -201,7 +205,7 @@ class Scorer:
         self.task = build(m.cfg.task, "task", m.names["task"])
         seed_everything(int(m.cfg.seed))  # the head it started from (overwritten by the trained head)
         loaded = load_model(m.cfg.model, self.task.head)
-        self.model, self.head_modules = loaded.model.to(device), loaded.head_modules
+        self.model, self.head_modules, self.tokenizer = loaded.model.to(device), loaded.head_modules, loaded.tokenizer
         self.base = {n: p.detach().clone() for n, p in self.model.state_dict().items()}
         rows = sorted(self.task.examples("eval"), key=self.task.length)
         self.loader = DataLoader(rows, batch_size=int(m.cfg.train.eval_batch_size),

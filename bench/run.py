@@ -18,7 +18,7 @@ import traceback
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -73,7 +73,9 @@ CONTINUAL_TARGET = "tasks.continual.ContinualTask"
 #: composite tasks, whose cells are built from other cells: task target -> the recipe that runs one ("module:function")
 UNLEARN_TARGET = "tasks.unlearn.UnlearnTask"
 #: composite tasks: a cell that trains nothing itself, whose record a recipe builds from member cells
-COMPOSITE_RECIPES = {MERGE_TARGET: "bench.merge:run_merge", CONTINUAL_TARGET: "bench.continual:run_continual"}
+GENERATE_TARGET = "tasks.generate.GenerateTask"
+COMPOSITE_RECIPES = {MERGE_TARGET: "bench.merge:run_merge", CONTINUAL_TARGET: "bench.continual:run_continual",
+                     GENERATE_TARGET: "bench.generate:run_generate"}
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -297,6 +299,32 @@ def start_from(model: torch.nn.Module, method: Method, store: RunStore, run_id: 
     return {"run_id": run_id, "task": previous.get("task"), "tensors": loaded}
 
 
+def snapshot_steps(count: int, max_steps: int) -> list[int]:
+    """`count` steps evenly spaced over the second half of training, the last one max_steps (a sorted list)."""
+    if count <= 0:
+        return []
+    half = max_steps / 2
+    return sorted({max(1, round(half + half * (k + 1) / count)) for k in range(count)})
+
+
+def snapshots(method: Method, model: torch.nn.Module, run_dir: Path, count: int,
+              max_steps: int) -> Callable[[int], None] | None:
+    """record.snapshots=N: the trainable tensors at N steps of the second half of training (snapshot_steps), as
+    <run dir>/snapshots/step_<step>.safetensors: the late-training checkpoints an adapter generator learns from
+    (tasks/generate.py). None when N is 0."""
+    steps = set(snapshot_steps(count, max_steps))
+    if not steps:
+        return None
+
+    def save(step: int) -> None:
+        if step in steps:
+            (run_dir / "snapshots").mkdir(exist_ok=True)
+            save_file_atomic({n: t.contiguous() for n, t in method.adapter_state_dict(model).items()},
+                             run_dir / "snapshots" / f"step_{step:06d}.safetensors")
+
+    return save
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors' save_file through a temporary file and a rename: two runs of one cell (two grids on one
     results dir) or a kill mid-write never leave a torn file."""
@@ -473,7 +501,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                      make_pruner(OmegaConf.to_container(cfg.protocol), int(cfg.train.max_steps)))
         result = train(model, method, loader, tcfg, device, autocast_dtype, evaluate,
                        progress=cfg.progress, desc=run_id, checkpoint=checkpoint, on_log=tracker.on_log,
-                       on_eval=reporter, dist=dist, objective=task.objective)
+                       on_eval=reporter, dist=dist, objective=task.objective,
+                       on_step=snapshots(method, model, run_dir, int(cfg.record.get("snapshots") or 0),
+                                         int(cfg.train.max_steps)))
         record.update(curve=result.curve, eval_history=result.eval_history, resumed_from=result.resumed_from)
         if not dist.main:  # rank 0 evaluates, post-trains, exports and records
             return record

@@ -381,6 +381,7 @@ def train(
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     dist: Dist = SINGLE,
     objective: Objective | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps of cfg.grad_accum micro-batches each.
 
@@ -390,6 +391,7 @@ def train(
     (bench/trackers.py mirrors them to W&B or MLflow). `on_eval(step, metrics)` sees every periodic evaluation and
     may stop training by raising (a tuning trial's pruner raises bench.tuning.Pruned); the checkpoint is then removed.
     `objective(forward, batch)` is the step's forward (the task's Task.objective; default the model's own loss).
+    `on_step(step)` runs after every optimizer step (1-based) in the main process (adapter snapshots).
     """
     every = int(getattr(cfg, "checkpoint_every", 0) or 0)
     resumed = None
@@ -427,6 +429,8 @@ def train(
                     on_log(step + 1, result.curve[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}")
+            if on_step is not None and dist.main:
+                on_step(step + 1)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 result.eval_history.append({"step": step + 1, "metrics": evaluate(model)})
                 if on_log is not None:
