@@ -104,7 +104,7 @@ METHOD_RULES: dict[str, Rule] = {
     **{k: UNIT_POSITIVE for k in ("density", "keep_ratio", "freeze_eta")},
     # strictly positive scales: they divide, or a zero freezes the adapter
     **{k: POSITIVE for k in ("eta", "stable_gamma", "delta", "eig_floor", "init_std", "scale", "outlier_threshold",
-                             "bit_budget", "align_norm")},
+                             "bit_budget", "align_norm", "epsilon")},
     # weights of loss terms, thresholds, perturbation strengths, lr multipliers: zero switches them off
     **{k: NON_NEGATIVE for k in ("sigma", "beta", "threshold", "reserve_e", "bias_update_rate", "inactive_lr_scale",
                                  "weight_decay")},
