@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -304,48 +305,33 @@ def _claims(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge(args: argparse.Namespace) -> int:
-    """merge.{md,csv} and merge_normalized.{png,pdf}: how much of each member survives each merger."""
-    from analysis.merging import write_merge_report
-
-    paths = write_merge_report(args.results, args.out)
-    _print_paths(paths)
-    print()
-    print(paths[0].read_text(encoding="utf-8"), end="")
-    return 0
-
-
-def _continual(args: argparse.Namespace) -> int:
-    """continual.md: average accuracy, backward and forward transfer, and each method's score matrix."""
-    from analysis.merging import write_continual_report
-
-    paths = write_continual_report(args.results, args.out)
-    _print_paths(paths)
-    print()
-    print(paths[0].read_text(encoding="utf-8"), end="")
-    return 0
+#: the reports of the composite task families: command -> (writer "module:function", default results directory,
+#: --help of the command, --help of --results); each writes its files, prints their paths and its Markdown report
+FAMILY_REPORTS = {
+    "merge": ("analysis.merging:write_merge_report", "results/merge",
+              "adapter merging: each merger's share of the members' scores", "merge cells"),
+    "continual": ("analysis.merging:write_continual_report", "results/merge",
+                  "continual learning: average, backward and forward transfer",
+                  "continual cells, beside the merge cells whose GLUE members they share"),
+    "unlearn": ("analysis.unlearning:write_unlearn_report", "results/unlearn",
+                "knowledge unlearning: forget and retain accuracy per objective", "unlearning cells"),
+    "generate": ("analysis.generation:write_generation_report", "results/generate",
+                 "adapter generation: generated against real adapters' scores", "generation cells"),
+}
 
 
-def _unlearn(args: argparse.Namespace) -> int:
-    """unlearn.{md,csv} and unlearn_tradeoff.{png,pdf}: what each method and objective forgets and keeps."""
-    from analysis.unlearning import write_unlearn_report
+def _family_report(writer: str) -> Callable[[argparse.Namespace], int]:
+    """The command of one FAMILY_REPORTS entry: write the report, print its paths, then its Markdown (the first
+    path)."""
+    def command(args: argparse.Namespace) -> int:
+        module, function = writer.split(":")
+        paths = getattr(importlib.import_module(module), function)(args.results, args.out)
+        _print_paths(paths)
+        print()
+        print(paths[0].read_text(encoding="utf-8"), end="")
+        return 0
 
-    paths = write_unlearn_report(args.results, args.out)
-    _print_paths(paths)
-    print()
-    print(paths[0].read_text(encoding="utf-8"), end="")
-    return 0
-
-
-def _generate(args: argparse.Namespace) -> int:
-    """generate.md: generated adapters' scores on seen and held-out tasks, against the real adapters'."""
-    from analysis.generation import write_generation_report
-
-    paths = write_generation_report(args.results, args.out)
-    _print_paths(paths)
-    print()
-    print(paths[0].read_text(encoding="utf-8"), end="")
-    return 0
+    return command
 
 
 def _explore(args: argparse.Namespace) -> int:
@@ -427,30 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--conf", type=Path, default=None, help="claim files (default: the repository's conf/claim)")
     claims.set_defaults(func=_guarded(_claims))
 
-    merge = commands.add_parser("merge", help="adapter merging: each merger's share of the members' scores")
-    merge.add_argument("--results", type=Path, default=Path("results/merge"),
-                       help="results directory of merge cells (default: results/merge)")
-    merge.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
-    merge.set_defaults(func=_guarded(_merge))
-
-    continual = commands.add_parser("continual", help="continual learning: average, backward and forward transfer")
-    continual.add_argument("--results", type=Path, default=Path("results/merge"),
-                           help="results directory of continual cells (default: results/merge, beside the merge "
-                                "cells whose GLUE members they share)")
-    continual.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
-    continual.set_defaults(func=_guarded(_continual))
-
-    unlearn = commands.add_parser("unlearn", help="knowledge unlearning: forget and retain accuracy per objective")
-    unlearn.add_argument("--results", type=Path, default=Path("results/unlearn"),
-                         help="results directory of unlearning cells (default: results/unlearn)")
-    unlearn.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
-    unlearn.set_defaults(func=_guarded(_unlearn))
-
-    generate = commands.add_parser("generate", help="adapter generation: generated against real adapters' scores")
-    generate.add_argument("--results", type=Path, default=Path("results/generate"),
-                          help="results directory of generation cells (default: results/generate)")
-    generate.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
-    generate.set_defaults(func=_guarded(_generate))
+    for name, (writer, default, about, cells) in FAMILY_REPORTS.items():
+        report = commands.add_parser(name, help=about)
+        report.add_argument("--results", type=Path, default=Path(default),
+                            help=f"results directory of {cells} (default: {default})")
+        report.add_argument("--out", type=Path, default=None, help="output directory (default: the results directory)")
+        report.set_defaults(func=_guarded(_family_report(writer)))
 
     figure = commands.add_parser("figure", help="render a named figure of analysis.figures")
     figure.add_argument("name", nargs="?", help="figure name (see --list), or all")
