@@ -15,9 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.merging import _pct
 from analysis.records import NoRecordsError, is_reported, latest_per_cell, require_records
-
-MISSING = "–"
 
 
 def generation_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -35,10 +34,6 @@ def generation_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                          "training_adapters": r["generate"].get("training_adapters"),
                          "reconstruction_mse": m.get("reconstruction_mse")})
     return pd.DataFrame(rows)
-
-
-def _pct(v: Any) -> str:
-    return MISSING if v is None or pd.isna(v) else f"{100 * float(v):.1f}"
 
 
 def generation_report(rows: pd.DataFrame, results: Path) -> str:

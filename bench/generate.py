@@ -12,6 +12,7 @@ adapter's LoRA factors become ΔW = s·B·A with each layer's s fitted on a memb
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -148,8 +149,7 @@ def run_generate(cfg: DictConfig, task: GenerateTask, store: RunStore, device: t
         metrics[f"{m.task}/normalized"] = (metrics[f"{m.task}/generated"] / individual[m.task]
                                            if individual[m.task] > 0 else float("nan"))
     for name, group in (("seen", seen), ("heldout", held)):
-        ratios = [metrics[f"{m.task}/normalized"] for m in group if metrics[f"{m.task}/normalized"] == metrics[
-            f"{m.task}/normalized"]]
+        ratios = [r for r in (metrics[f"{m.task}/normalized"] for m in group) if not math.isnan(r)]
         if group:
             metrics[f"{name}_normalized"] = sum(ratios) / len(ratios) if ratios else float("nan")
     return {
