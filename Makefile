@@ -59,9 +59,10 @@ unlearn: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench +experiment=unlearn -m
 	$(BIN)/python -m analysis unlearn --results results/unlearn
 
-# the continual table: sequential LoRA over the merge table's four GLUE tasks, in its store (the members are reused)
+# the continual table: sequential LoRA and CoDyRA over the merge table's four GLUE tasks, in its store (the members
+# are reused)
 continual: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=continual/glue method=lora results_dir=results/merge
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench task=continual/glue method=lora,codyra results_dir=results/merge -m
 	$(BIN)/python -m analysis continual --results results/merge
 
 # the shift table: LoRA and full fine-tuning of EfficientNet-Lite0 scored on CIFAR-10-C corruptions, α-BN, LAME

@@ -259,8 +259,9 @@ def measure_sharpness(model: torch.nn.Module, method: Method, train_batches: Any
 def start_from(model: torch.nn.Module, method: Method, store: RunStore, run_id: str, head_modules: list[str],
                names: dict[str, str]) -> dict[str, Any]:
     """Load the trained tensors of a completed run of the same method and model into `model` (its task head
-    excepted: each task keeps its own), so that training continues from them; W0 stays the pretrained weight, so
-    this run's ΔW is the whole change since pretraining. Returns what the record says of it."""
+    excepted: each task keeps its own), so that training continues from them (a method that trains one adapter
+    per task folds them away first: Method.continue_stage); W0 stays the pretrained weight, so this run's ΔW is the
+    whole change since pretraining. Returns what the record says of it."""
     from safetensors.torch import load_file
 
     previous = store.read(run_id)
@@ -286,6 +287,7 @@ def start_from(model: torch.nn.Module, method: Method, store: RunStore, run_id: 
     if loaded == 0:
         raise ConfigError(f"train.init_from={run_id}: none of its saved tensors fits this model's "
                           f"method={names['method']} parameters")
+    stage = method.continue_stage(model)  # a method with one fresh adapter per task folds the loaded one away
     delta_path = store.run_dir(run_id) / "delta.safetensors"
     if method.mergeable and delta_path.is_file():  # the loaded model must be the one that run ended with
         before = load_file(str(delta_path))
@@ -296,7 +298,7 @@ def start_from(model: torch.nn.Module, method: Method, store: RunStore, run_id: 
             raise ConfigError(f"train.init_from={run_id}: method={names['method']} re-initialises its update "
                               f"before training (its ΔW is {off:.2g} off the run it starts from after loading), so "
                               "it cannot continue a stage; choose a method without a data-dependent init")
-    return {"run_id": run_id, "task": previous.get("task"), "tensors": loaded}
+    return {"run_id": run_id, "task": previous.get("task"), "tensors": loaded, **stage}
 
 
 def snapshot_steps(count: int, max_steps: int) -> list[int]:

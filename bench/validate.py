@@ -96,7 +96,8 @@ METHOD_RULES: dict[str, Rule] = {
     "alpha": POSITIVE, "dropout": PROBABILITY, "beta1": PROBABILITY, "beta2": PROBABILITY,
     # counts: components, experts, bases, blocks, samples, steps between events
     **{k: COUNT for k in ("k", "l", "n_blocks", "gamma", "top_h", "bits", "max_iterations", "deltaT",
-                          "search_steps")},
+                          "search_steps", "max_stages")},
+    "levels": Rule(integer=True, low=2),  # CoDyRA: the values of linspace(0, κ, levels), 0 first
     **{k: COUNT0 for k in ("init_warmup", "compensation_steps", "svd_oversampling", "rank_min_dim",
                            "projection_prng_key")},
     # fractions
@@ -106,8 +107,8 @@ METHOD_RULES: dict[str, Rule] = {
     **{k: POSITIVE for k in ("eta", "stable_gamma", "delta", "eig_floor", "init_std", "scale", "outlier_threshold",
                              "bit_budget", "align_norm", "epsilon")},
     # weights of loss terms, thresholds, perturbation strengths, lr multipliers: zero switches them off
-    **{k: NON_NEGATIVE for k in ("sigma", "beta", "threshold", "reserve_e", "bias_update_rate", "inactive_lr_scale",
-                                 "weight_decay")},
+    **{k: NON_NEGATIVE for k in ("sigma", "beta", "threshold", "max_threshold", "reserve_e", "bias_update_rate",
+                                 "inactive_lr_scale", "weight_decay")},
 }
 METHOD_PATTERNS: tuple[tuple[str, Rule], ...] = (
     (r"(^|_)lr$", POSITIVE),  # lr, gate_lr, arch_lr, compensation_lr

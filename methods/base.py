@@ -198,6 +198,12 @@ class Method:
         the optimizer (state is carried over for parameters that survive)."""
         return False
 
+    def continue_stage(self, model: nn.Module) -> dict[str, Any]:
+        """A continual-learning stage starts (train.init_from): the previous stage's tensors are loaded into `model`.
+        A method that trains each task with a fresh adapter (CoDyRA) folds the loaded one away here, leaving ΔW as
+        it is. Returns what the record says of it. Default: nothing, training continues the loaded tensors."""
+        return {}
+
     # ---------------------------------------------------------------------------------- after training
     def post_train(self, model: nn.Module, ctx: WrapContext) -> dict[str, float]:
         """Post-training steps (compensation, pruning). Returns extra metrics for the record."""
