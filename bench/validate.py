@@ -98,6 +98,8 @@ METHOD_RULES: dict[str, Rule] = {
     **{k: COUNT for k in ("k", "l", "n_blocks", "gamma", "top_h", "bits", "max_iterations", "deltaT",
                           "search_steps", "max_stages")},
     "levels": Rule(integer=True, low=2),  # CoDyRA: the values of linspace(0, κ, levels), 0 first
+    "compress_ratio": Rule(low=1, low_open=True),  # PELA: the compact layer keeps 1/c of the entries
+    "distill_steps": COUNT0, "norm_eps": NON_NEGATIVE,  # PELA: 0 steps keeps the SVD factors as they are
     **{k: COUNT0 for k in ("init_warmup", "compensation_steps", "svd_oversampling", "rank_min_dim",
                            "projection_prng_key")},
     # fractions
