@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.leaderboard import load_leaderboard
-from analysis.records import is_reported, require_records
+from analysis.records import is_reported, is_tuning_protocol, require_records
 
 TEMPLATE = Path(__file__).with_name("explorer.html")
 #: the method option a leaderboard label starts with: "lora (r=16)" -> lora, "peft/loha/rank8 (PEFT run)" -> peft
@@ -60,7 +60,7 @@ def rows(summary: pd.DataFrame, methods: Mapping[str, Mapping[str, Any]]) -> lis
             "ci": f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else "",
             "n": _num(r.get("n_completed")), "rank": _num(r.get("rank")), "trainable": _num(r.get("trainable")),
             "opt_bytes": _num(r.get("optimizer_state_bytes_median")), "step_s": _num(r.get("step_s_median")),
-            "protocol": protocol or "none", "tuned": bool(protocol) and protocol != "none",
+            "protocol": protocol or "none", "tuned": is_tuning_protocol(protocol),
             "higher": bool(r.get("higher_is_better", True)), "paper": info.get("paper", ""),
             "claims": info.get("claims", []),
         })

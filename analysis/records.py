@@ -73,6 +73,18 @@ class NoRecordsError(FileNotFoundError):
     """No readable run record was found in a results directory."""
 
 
+PROTOCOLS = Path(__file__).resolve().parents[1] / "conf" / "protocol"
+
+
+def is_tuning_protocol(name: object) -> bool:
+    """Whether records of protocol `name` were tuned: conf/protocol/<name>.yaml has trials (cheap, paper, sharp); a
+    fixed setting (none, PEFT's peft_metamath) or a name this checkout has no file for is not."""
+    if not isinstance(name, str) or name in ("", "none", "untuned"):
+        return False
+    path = PROTOCOLS / f"{name}.yaml"
+    return path.is_file() and any(line.strip().startswith("trials:") for line in path.read_text().splitlines())
+
+
 def memory_kind_label(kind: object) -> str:
     """``RSS``, ``CUDA max allocated``; an unknown kind upper-cased; ``""`` when missing."""
     if not isinstance(kind, str) or not kind:

@@ -36,7 +36,7 @@ from torch import nn
 
 from bench.run import compose_config
 from bench.steptime import bootstrap_median_ci, prepare
-from bench.train import batches, train, warmup_linear_decay
+from bench.train import batches, lr_factor, train
 from methods.base import WrapContext
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -102,7 +102,7 @@ def bare_block(side: Side, cfg: DictConfig, device: torch.device, autocast_dtype
     tcfg = cfg.train
     optimizer = torch.optim.AdamW(side.groups, lr=float(cfg.method.lr))
     warmup = math.ceil(tcfg.warmup_ratio * tcfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(warmup, tcfg.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tcfg, warmup))
     data = batches(side.loader)
     side.model.train()
     losses = []

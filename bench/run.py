@@ -61,7 +61,7 @@ NON_SEMANTIC_NESTED_KEYS = (("train", "checkpoint_every"), ("train", "eval_base"
 # (group, key) -> that value. A key whose default changes the result must not be listed here.
 KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("method", "store_bases"): False, ("train", "compile"): False,
                                                 ("train", "strategy"): "single", ("train", "nproc"): 1,
-                                                ("train", "init_from"): None}
+                                                ("train", "init_from"): None, ("train", "lr_schedule"): "linear"}
 #: Statuses that end a cell: a rerun skips it unless force=true (a pruned trial is a finished trial).
 FINAL_STATUSES = ("completed", "pruned")
 #: the method that reads a PEFT config file (its file's contents and training parameters enter the cell)
@@ -423,7 +423,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                       eval_split=task.eval_split, eval_note=task.eval_note, suite=task.suite)
         task.run_dir = run_dir  # where evaluate() may leave artifacts (generated images) beside the record
         role = cfg.tune.role
-        if cfg.protocol.name != "none":  # every run of a protocol trains without its validation holdout
+        if cfg.protocol.get("validation"):  # every run of a tuning protocol trains without its validation holdout
             task.holdout = Holdout(**cfg.protocol.validation)
         loaded = load_model(cfg.model, task.head)
         collate = task.collate_fn(loaded.tokenizer)

@@ -168,6 +168,31 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
     return factor
 
 
+def warmup_cosine_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The same warmup, then ½(1 + cos(π·p)) with p the fraction of the decay done (transformers'
+    get_cosine_schedule_with_warmup, which PEFT's method comparison uses)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
+
+
+#: train.lr_schedule -> the lr factor of each 0-based step, from the warmup steps and the run's steps
+SCHEDULES: dict[str, Callable[[int, int], Callable[[int], float]]] = {
+    "linear": warmup_linear_decay, "cosine": warmup_cosine_decay}
+
+
+def lr_factor(cfg: Any, warmup_steps: int) -> Callable[[int], float]:
+    """The schedule train.lr_schedule names (linear where the config predates the key)."""
+    name = getattr(cfg, "lr_schedule", None) or "linear"
+    if name not in SCHEDULES:
+        raise ValueError(f"train.lr_schedule={name!r}: choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](warmup_steps, int(cfg.max_steps))
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's per-parameter state (Adam moments, projection matrices, ...), plus
     the tensors it shares between parameters where it lists them (`shared_tensors`, e.g. a fixed DCT basis)."""
@@ -202,7 +227,8 @@ class StepResult:
 
 
 class Trainer:
-    """One optimizer step at a time: the method's optimizer under warmup + linear decay, over endless batches.
+    """One optimizer step at a time: the method's optimizer under warmup + decay (train.lr_schedule), over endless
+    batches.
 
     `train()` drives it for a whole run; the step-time benchmark (bench/steptime.py) interleaves several.
     Under a multi-process strategy (bench/distributed.py) each process takes its share of every global batch and
@@ -216,7 +242,7 @@ class Trainer:
         self.objective = objective or model_loss  # the task's (Task.objective): model(**batch) unless it has its own
         self.optimizer = method.make_optimizer(model, weight_decay=cfg.weight_decay)
         self.warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.warmup))
         self.data = shard(batches(loader), dist)
         self.forward = wrap(model, dist, device)  # the model itself in one process
         self.step_index = 0
@@ -267,8 +293,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if method.on_step_end(model, step, self.optimizer):
             self.optimizer = rebuild_optimizer(method, model, self.optimizer, cfg.weight_decay)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, warmup_linear_decay(self.warmup, cfg.max_steps), last_epoch=step)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.warmup),
+                                                               last_epoch=step)
             if self.forward is not model:  # a new trainable set: DDP registers its gradient hooks anew
                 self.forward = wrap(model, self.dist, device)
         if device.type == "cuda":

@@ -267,6 +267,16 @@ def config_problems(cfg: Any, names: dict[str, str]) -> list[str]:
         if p is not None:
             problems.append(p)
 
+    from bench.train import SCHEDULES
+
+    protocol = plain.get("protocol") or {}
+    if protocol.get("task") and names.get("task") and names["task"] != protocol["task"]:
+        problems.append(f"protocol={protocol.get('name')} is the setting of task={protocol['task']}, and this run is "
+                        f"task={names['task']}: add task={protocol['task']}, or choose another protocol")
+
+    if train.get("lr_schedule", "linear") not in SCHEDULES:
+        problems.append(f"train.lr_schedule={_show(train['lr_schedule'])} is not a schedule: choose one of "
+                        f"{', '.join(sorted(SCHEDULES))}; set train.lr_schedule=linear (the default)")
     nproc, batch = train.get("nproc", 1), train.get("batch_size", 1)
     if all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (nproc, batch)):  # else named above
         from bench.distributed import check  # a multi-process cell (bench/distributed.py)

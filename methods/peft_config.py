@@ -41,6 +41,7 @@ TRAINING_KEYS = {
     "batch_size_eval": "train.eval_batch_size",
     "eval_steps": "train.eval_every",
     "grad_norm_clip": "train.max_grad_norm",
+    "lr_scheduler": "train.lr_schedule",  # "cosine"; PEFT's null (a constant lr) keeps the protocol's schedule
     "seed": "seed",
 }
 

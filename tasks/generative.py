@@ -10,6 +10,9 @@ Prompt formats (`prompt_format`):
                   (they differ: two vs one trailing space after "request.", 16 spaces vs none on the blank line).
     qa            "Question: {instruction}\nAnswer:" and the response after a space (the unlearning reference's
                   format for Phi; csm9493/efficient-llm-unlearning, TOFU/config/model_config.yaml): short rows.
+    peft_metamath "Question: {instruction} Think step by step.\nAnswer:", PEFT's method comparison template
+                  (huggingface/peft method_comparison/MetaMathQA), and the response after a space as qa (PEFT
+                  appends the response with no separator; one space keeps the prompt/response token boundary).
     auto          chat when the tokenizer has a chat template, else llm_adapters.
 
 Tokenisation: the prompt and the response are encoded separately and concatenated (as lm-eval does), so the loss
@@ -42,8 +45,9 @@ from torch import nn
 
 from tasks.base import Batch, HeadSpec, Task, load_hub_dataset, subset
 
-PromptFormat = Literal["auto", "chat", "llm_adapters", "qa"]
-Format = Literal["chat", "llm_adapters", "qa"]  # a resolved prompt format
+PromptFormat = Literal["auto", "chat", "llm_adapters", "qa", "peft_metamath"]
+Format = Literal["chat", "llm_adapters", "qa", "peft_metamath"]  # a resolved prompt format
+FORMATS = ("chat", "llm_adapters", "qa", "peft_metamath")
 Split = Literal["train", "eval", "validation"]
 EvalMode = Literal["generate", "loglik"]
 
@@ -55,6 +59,9 @@ LLM_ADAPTERS_TRAIN_PROMPT = (
 )
 # evaluate.py / commonsense_evaluate.py generate_prompt(instruction, input=None)
 QA_PROMPT = "Question: {instruction}\nAnswer:"
+# huggingface/peft method_comparison/MetaMathQA/default_training_params.json `query_template`
+PEFT_METAMATH_PROMPT = "Question: {instruction} Think step by step.\nAnswer:"
+QA_PROMPTS = {"qa": QA_PROMPT, "peft_metamath": PEFT_METAMATH_PROMPT}
 LLM_ADAPTERS_EVAL_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
     "                ### Instruction:\n                {instruction}\n\n"
@@ -94,8 +101,8 @@ def resolve_format(tokenizer: Any, prompt_format: PromptFormat) -> Format:
         return "chat" if has_chat else "llm_adapters"
     if prompt_format == "chat" and not has_chat:
         raise ValueError("prompt_format=chat, but the tokenizer has no chat template; use llm_adapters or auto")
-    if prompt_format not in ("chat", "llm_adapters", "qa"):
-        raise ValueError(f"prompt_format must be auto, chat, llm_adapters or qa; got {prompt_format!r}")
+    if prompt_format not in FORMATS:
+        raise ValueError(f"prompt_format must be auto or one of {', '.join(FORMATS)}; got {prompt_format!r}")
     return prompt_format
 
 
@@ -112,8 +119,8 @@ def encode(tokenizer: Any, instruction: str, response: str | None, fmt: Format,
         if not full.startswith(prompt):
             raise ValueError("the chat template does not render the assistant turn after the generation prompt")
         return prompt_ids, tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
-    if fmt == "qa":  # "Question: …\nAnswer:" then " response" + EOS
-        prompt_ids = tokenizer(QA_PROMPT.format(instruction=instruction)).input_ids
+    if fmt in QA_PROMPTS:  # "Question: …\nAnswer:" (PEFT's: "… Think step by step.\nAnswer:") then " response" + EOS
+        prompt_ids = tokenizer(QA_PROMPTS[fmt].format(instruction=instruction)).input_ids
         if response is None:
             return prompt_ids, []
         return prompt_ids, tokenizer(" " + response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -364,8 +371,8 @@ class GenerativeTask(Task):
                  probe_source: str = "offline", probe_max_length: int = 128) -> None:
         if eval_mode not in ("generate", "loglik"):
             raise ValueError(f"eval_mode must be generate or loglik; got {eval_mode!r}")
-        if prompt_format not in ("auto", "chat", "llm_adapters", "qa"):
-            raise ValueError(f"prompt_format must be auto, chat, llm_adapters or qa; got {prompt_format!r}")
+        if prompt_format != "auto" and prompt_format not in FORMATS:
+            raise ValueError(f"prompt_format must be auto or one of {', '.join(FORMATS)}; got {prompt_format!r}")
         self.head = HeadSpec(kind="causal_lm", num_labels=0)  # type: ignore[arg-type]  # see the proposed base.py diff
         self.prompt_format, self.max_length, self.max_new_tokens = prompt_format, int(max_length), int(max_new_tokens)
         self.eval_mode, self.eval_chunk, self.train_on_inputs = eval_mode, int(eval_chunk), bool(train_on_inputs)

@@ -93,6 +93,9 @@ class TuneSweeper(Sweeper):
         names = cell_names(cfg, cfg.hydra.runtime.choices)  # peft/<tuner>/<variant> for a PEFT config run
         option = str(cfg.hydra.runtime.choices["method"])  # the YAML that holds the search space
         protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
+        if protocol["name"] != "none" and "trials" not in protocol:
+            raise HydraException(f"protocol={protocol['name']} is a fixed training setting, not a tuning protocol: "
+                                 "drop hydra/sweeper=tune (or tune under protocol=cheap)")
         if protocol["name"] == "none":
             raise HydraException("hydra/sweeper=tune needs a tuning protocol: add protocol=cheap (or protocol=paper), "
                                  "or use an experiment that selects one (+experiment=zoo_tuned)")
