@@ -64,7 +64,7 @@ class PELA(SwapMethod):
     """PELA: W0 (m×n) → U·V with U (m×k), V (k×n) from its truncated SVD, k = ⌊mn / (c(m+n))⌋ (1/c of the entries);
     the compact model is distilled from the original by minimising
         L = α·mean_l ‖h_l(compact) − h_l(original)‖² + β·‖z(compact) − z(original)‖² + γ·mean_layers ‖U·V − W0‖²_∞
-    (hidden states h_l of every block, logits z, and the weight perturbation regulariser with ε = `norm_eps`:
+    (the output h_l of every block l = 1..L, logits z, and the weight perturbation regulariser with ε = `norm_eps`:
     (‖UV − W0‖_∞ − ε)², the entry-wise max norm), then fine-tuned: a LoRA on each compact layer (`finetune: lora`,
     the parameter-efficient fine-tuning the paper's models are meant for) or U, V themselves (`finetune: full`).
 
@@ -174,8 +174,8 @@ class PELA(SwapMethod):
         s_out = self._forward(model, inputs, teacher=False)
         s_hidden, t_hidden = getattr(s_out, "hidden_states", None), getattr(t_out, "hidden_states", None)
         zero = next(iter(self.layers(model).values())).up.new_zeros(())
-        feature = (sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_hidden, t_hidden)) / len(s_hidden)
-                   if s_hidden else zero)
+        blocks = list(zip(s_hidden[1:], t_hidden[1:])) if s_hidden else []  # [0] is the embeddings' output
+        feature = sum(F.mse_loss(s.float(), t.float()) for s, t in blocks) / len(blocks) if blocks else zero
         logit = F.mse_loss(s_out.logits.float(), t_out.logits.float()) if self.logit_weight else zero
         norms = [(layer.compact() - layer.base.weight).abs().max().float() - self.norm_eps
                  for layer in self.layers(model).values()]
