@@ -466,6 +466,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           main_metric=task.main_metric, train_batches=train_batches, loss_fn=task_loss,
                           max_steps=int(cfg.train.max_steps))
         total_base = sum(p.numel() for p in loaded.model.parameters())
+        setup_t0 = time.perf_counter()  # wrapping and the method's data-dependent setup (calibrate): cost.setup_s
         try:
             model = method.prepare(loaded.model, ctx).to(device)
         except (ValueError, TypeError) as e:  # target_modules that match nothing or a layer the method cannot wrap
@@ -473,6 +474,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 raise  # a TypeError that names no key to fix is a bug, not a configuration problem
             raise ConfigError(f"method={names['method']}: {e}") from e
         method.calibrate(model, calibration_batches(train_rows, collate, cfg.train, int(cfg.seed), device), task_loss)
+        setup_s = time.perf_counter() - setup_t0  # PELA's distillation, LoRA-GA's gradients, PiSSA's SVD, ...
         if cfg.train.get("init_from"):  # a continual-learning stage: the previous stage's trained tensors, head aside
             record["init_from"] = start_from(model, method, store, str(cfg.train.init_from), loaded.head_modules,
                                              names)
@@ -559,7 +561,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics=metrics,
             params={"trainable": trained, "total": total_base,
                     "adapter_bytes": adapter_bytes, "model_source": loaded.source},
-            cost={"train_s": result.train_s, "step_s": result.median_step_s,
+            cost={"train_s": result.train_s, "setup_s": setup_s, "step_s": result.median_step_s,
                   "tokens_per_s": result.tokens / result.train_s if result.train_s else None,
                   "eval_s": eval_s, "peak_mem_bytes": result.peak_mem_bytes,
                   "peak_mem_kind": result.peak_mem_kind, "optimizer_state_bytes": result.optimizer_state_bytes,

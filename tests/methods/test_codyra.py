@@ -128,6 +128,7 @@ def test_a_continual_stage_adds_a_new_adapter_to_the_previous_stages_delta(tmp_p
                               f"train.init_from={first['id']}"]))
     assert second["status"] == "completed", second["error"]
     assert second["init_from"]["codyra_folded_rank"] > 0
+    assert 0 < second["cost"]["setup_s"] < second["cost"]["train_s"] + 60  # wrap + calibrate, timed apart from training
     assert second["metrics"]["codyra_earlier_rank"] == second["init_from"]["codyra_folded_rank"]
     d1 = load_file(str(tmp_path / "runs" / first["id"] / "delta.safetensors"))
     d2 = load_file(str(tmp_path / "runs" / second["id"] / "delta.safetensors"))
