@@ -105,6 +105,8 @@ class PELA(SwapMethod):
 
     family = "compression"
     init_equals_base = False  # the compact model approximates W0
+    unsupported_heads = {"diffusion": "PELA distils the compact model on the block outputs (hidden states) of a "
+                                      "transformer classifier or LM, which the DreamBooth UNet's forward does not return"}
 
     def __init__(self, lr: float, target_modules: Sequence[str] = DEFAULT_TARGETS, compress_ratio: float = 2.0,
                  r: int = 8, alpha: float = 8.0, finetune: str = "lora", distill_steps: int = 100,
