@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.merging import _pct
-from analysis.records import NoRecordsError, is_reported, latest_per_cell, require_records
+from analysis.records import is_reported, latest_per_cell, report_dir, require_records, require_rows
 
 
 def generation_rows(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -62,11 +62,7 @@ def write_generation_report(results: Path, out_dir: Path | None = None) -> list[
     """generate.md of the generation cells under `results`."""
     records, _ = require_records(Path(results))
     rows = generation_rows(records)
-    if not len(rows):
-        raise NoRecordsError(f"no completed generation record in {Path(results) / 'runs'}; run "
-                             "`python -m bench task=generate/glue method=lora` first")
-    out_dir = Path(out_dir or results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "generate.md"
+    require_rows(rows, results, "generation", "task=generate/glue method=lora")
+    path = report_dir(results, out_dir) / "generate.md"
     path.write_text(generation_report(rows, Path(results)), encoding="utf-8")
     return [path]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.records import NoRecordsError, is_reported, latest_per_cell, require_records
+from analysis.records import is_reported, latest_per_cell, report_dir, require_records, require_rows
 
 MISSING = "–"
 
@@ -127,12 +127,9 @@ def write_merge_report(results: Path, out_dir: Path | None = None) -> list[Path]
     """merge.md, merge.csv and the figure of the merge cells under `results`."""
     records, _ = require_records(Path(results))
     rows = merge_rows(records)
-    if not len(rows):
-        raise NoRecordsError(f"no completed merge record in {Path(results) / 'runs'}; run "
-                             "`python -m bench task=merge/glue method=lora` first")
+    require_rows(rows, results, "merge", "task=merge/glue method=lora")
     table = summary(rows)
-    out_dir = Path(out_dir or results)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = report_dir(results, out_dir)
     md, csv = out_dir / "merge.md", out_dir / "merge.csv"
     md.write_text(report(table, Path(results)), encoding="utf-8")
     table.to_csv(csv, index=False)
@@ -186,11 +183,7 @@ def write_continual_report(results: Path, out_dir: Path | None = None) -> list[P
     """continual.md of the continual cells under `results`."""
     records, _ = require_records(Path(results))
     rows = continual_rows(records)
-    if not len(rows):
-        raise NoRecordsError(f"no completed continual record in {Path(results) / 'runs'}; run "
-                             "`python -m bench task=continual/glue method=lora` first")
-    out_dir = Path(out_dir or results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "continual.md"
+    require_rows(rows, results, "continual", "task=continual/glue method=lora")
+    path = report_dir(results, out_dir) / "continual.md"
     path.write_text(continual_report(rows, Path(results)), encoding="utf-8")
     return [path]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 RECORD_GLOB = "runs/*/record.json"
 
@@ -82,7 +83,7 @@ def is_tuning_protocol(name: object) -> bool:
     if not isinstance(name, str) or name in ("", "none", "untuned"):
         return False
     path = PROTOCOLS / f"{name}.yaml"
-    return path.is_file() and any(line.strip().startswith("trials:") for line in path.read_text().splitlines())
+    return path.is_file() and "trials" in ((yaml.safe_load(path.read_text()) or {}).get("protocol") or {})
 
 
 def memory_kind_label(kind: object) -> str:
@@ -129,6 +130,20 @@ def load_records(results_dir: Path) -> list[dict[str, Any]]:
     """Return the parsed records under ``results_dir``, skipping (with a warning) bad files."""
     records, _ = scan_records(results_dir)
     return records
+
+
+def require_rows(rows: Any, results: Path, kind: str, command: str) -> None:
+    """Raise ``NoRecordsError`` naming the command that makes some when a family report found no `kind` record."""
+    if not len(rows):
+        raise NoRecordsError(f"no completed {kind} record in {Path(results) / 'runs'}; run "
+                             f"`python -m bench {command}` first")
+
+
+def report_dir(results: Path, out_dir: Path | None) -> Path:
+    """Where a report goes: `out_dir`, else the results directory (created)."""
+    out = Path(out_dir or results)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def require_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.records import NoRecordsError, is_reported, latest_per_cell, require_records
+from analysis.records import is_reported, latest_per_cell, report_dir, require_records, require_rows
 
 MISSING = "–"
 TASK = "unlearn/facts"
@@ -133,12 +133,9 @@ def write_unlearn_report(results: Path, out_dir: Path | None = None) -> list[Pat
     """unlearn.md, unlearn.csv and the trade-off figure of the unlearning cells under `results`."""
     records, _ = require_records(Path(results))
     rows, taught = unlearn_rows(records)
-    if not len(rows):
-        raise NoRecordsError(f"no completed unlearning record in {Path(results) / 'runs'}; run "
-                             "`python -m bench task=unlearn/facts method=lora` first")
+    require_rows(rows, results, "unlearning", "task=unlearn/facts method=lora")
     table = summary(rows)
-    out_dir = Path(out_dir or results)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = report_dir(results, out_dir)
     md, csv = out_dir / "unlearn.md", out_dir / "unlearn.csv"
     md.write_text(report(table, taught, Path(results)), encoding="utf-8")
     table.to_csv(csv, index=False)
