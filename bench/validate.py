@@ -269,11 +269,6 @@ def config_problems(cfg: Any, names: dict[str, str]) -> list[str]:
 
     from bench.train import SCHEDULES
 
-    protocol = plain.get("protocol") or {}
-    if protocol.get("task") and names.get("task") and names["task"] != protocol["task"]:
-        problems.append(f"protocol={protocol.get('name')} is the setting of task={protocol['task']}, and this run is "
-                        f"task={names['task']}: add task={protocol['task']}, or choose another protocol")
-
     if train.get("lr_schedule", "linear") not in SCHEDULES:
         problems.append(f"train.lr_schedule={_show(train['lr_schedule'])} is not a schedule: choose one of "
                         f"{', '.join(sorted(SCHEDULES))}; set train.lr_schedule=linear (the default)")
@@ -284,6 +279,12 @@ def config_problems(cfg: Any, names: dict[str, str]) -> list[str]:
         p = check(str(train.get("strategy", "single")), nproc, batch)
         if p is not None:
             problems.append(p)
+
+    # ---------------------------------------------------------------- protocol.*
+    protocol = plain.get("protocol") or {}
+    if protocol.get("task") and names.get("task") and names["task"] != protocol["task"]:
+        problems.append(f"protocol={protocol.get('name')} is the setting of task={protocol['task']}, and this run is "
+                        f"task={names['task']}: add task={protocol['task']}, or choose another protocol")
 
     # ---------------------------------------------------------------- task.* and method.*
     for group, rule_of in (("task", task_rule), ("method", method_rule)):

@@ -155,8 +155,11 @@ class CoDyRA(SwapMethod):
         self.max_stages = int(max_stages)
         self.max_steps, self.seed = 1, 0
 
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
+        self.max_steps, self.seed = max(int(ctx.max_steps or 1), 1), int(ctx.seed)  # the schedule's and the folds'
+        return super().wrap(model, ctx)
+
     def make_layer(self, name: str, base: nn.Linear, ctx: WrapContext) -> AdaptedLinear:
-        self.max_steps, self.seed = max(int(ctx.max_steps or 1), 1), int(ctx.seed)
         generator = torch.Generator().manual_seed(stable_seed(ctx.seed, "codyra", name))
         return CoDyRALinear(base, self.r, self.alpha, self.dropout, generator, self.r * self.max_stages)
 
@@ -210,14 +213,3 @@ class CoDyRA(SwapMethod):
             "codyra_rank_per_layer_max": float(max(ranks)),
             "codyra_earlier_rank": float(sum(layer.used for layer in layers)),  # components kept by earlier tasks
         }
-
-    def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """ΔW = B_old·A_old + s·B_I·diag(g_I)·A_I over the non-zero gates I, in float64 (cast to fp32)."""
-        out = {}
-        with torch.no_grad():
-            for name, layer in self.layers(model).items():
-                keep = layer.active().cpu()
-                b = layer.B.detach().double().cpu()[:, keep] * layer.gate.detach().double().cpu()[keep]  # (m, k)
-                old = layer.B_old.detach().double().cpu()[:, : layer.used] @ layer.A_old.detach().double().cpu()[: layer.used]
-                out[name] = (old + layer.scaling * b @ layer.A.detach().double().cpu()[keep]).float()  # (m, n)
-        return out

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, LossFn, WrapContext, head_parameter_count
+from methods.base import Batch, LossFn, WrapContext
 from methods.compress import batch_source, batch_stream, score
 from methods.structured_lora import DEFAULT_TARGETS, _generator, _kaiming_uniform
 from methods.swap import AdaptedLinear, SwapMethod
@@ -152,9 +152,6 @@ class PELA(SwapMethod):
     def layer_trainable(self, base: nn.Linear) -> int:
         m, n = base.out_features, base.in_features
         return (self.r if self.finetune == "lora" else compact_rank(m, n, self.compress_ratio)) * (m + n)
-
-    def expected_trainable(self, model: nn.Module, ctx: WrapContext) -> int:
-        return head_parameter_count(model, ctx) + sum(self.layer_trainable(b) for b in self.target_layers(model, ctx).values())
 
     # ---------------------------------------------------------------------------------- distillation
     def _forward(self, model: nn.Module, inputs: Batch, teacher: bool) -> Any:
