@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.stats import Comparison, cd_diagram, friedman, holm, welch
+from analysis.stats import Comparison, above_floor, cd_diagram, friedman, holm, welch
 from analysis.records import (
     METRIC_PREFIX,
     STATUSES,
@@ -65,6 +65,8 @@ MISSING = "—"
 REFERENCE_METHOD = "lora"  # step times are also shown as a ratio to this method's; scores are tested against it
 BASELINE_METHOD = "full"  # scores are also tested against full fine-tuning
 ALPHA = 0.05  # the level of every significance mark (Welch's t over seeds, Holm-adjusted within a task)
+AT_CHANCE = "°"  # a score not significantly above its task's chance score (the best input-independent prediction)
+CHANCE_ROW = "*chance*"  # the model table's last row: each task's chance score
 KEYS = ["method", "model", "task"]
 CSV_NAME, MD_NAME, HTML_NAME = "leaderboard.csv", "leaderboard.md", "leaderboard.html"
 
@@ -292,7 +294,10 @@ class Leaderboard:
             f"{level} Welch interval and Holm-adjusted p (n.s.: p ≥ {ALPHA}), and the tuning effort behind it: "
             "protocol, trials, budget (steps × batch), the chosen values and the validation score that chose them, "
             "and the largest Hessian eigenvalue of the loss in the trainable parameters at init (power iteration; "
-            "bench/sharpness.py)."
+            f"bench/sharpness.py). The {CHANCE_ROW} row is each task's chance score: the best input-independent "
+            "prediction on its eval split (the majority class; the most frequent answer; 0 for a correlation); "
+            f"{AT_CHANCE} marks a score with no evidence that it beats it (one-sided one-sample t over seeds, "
+            f"Holm-adjusted over the rows of the task, p ≥ {ALPHA}; one seed: not above it)."
         )
 
     # -- renderers
@@ -436,6 +441,7 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         chosen_at_edge=("chosen_at_edge", _mode),
         val_objective=("val_objective", "median"),
         sharpness=("sharpness", "median"),
+        chance=("chance", "median"),
     )
     counts = (
         df.groupby(KEYS)["status"].value_counts().unstack(fill_value=0).reindex(columns=list(STATUSES), fill_value=0)
@@ -492,7 +498,7 @@ def _summarize(df: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
         KEYS
         + ["suite", "main_metric", "eval_split", "n_seeds"]
         + list(counts.columns)
-        + ["score_mean", "score_std", "score_ci95_low", "score_ci95_high"]
+        + ["score_mean", "score_std", "score_ci95_low", "score_ci95_high", "chance"]
         + list(metric_stats.columns)
         + ["trainable", "total", "trainable_pct", "train_s_median", "step_s_median", "step_s_vs_lora"]
         + ["peak_mem_bytes_median", "peak_mem_kind", "optimizer_state_bytes_median"]
@@ -555,8 +561,11 @@ class _Builder:
         for column, value in columns.items():
             self.summary[column] = value
         self.summary["is_best"] = False
+        self.summary["vs_chance_p"] = math.nan
+        self.summary["at_chance"] = False
         for (model, task), group in self.summary[self.summary["score_mean"].notna()].groupby(["model", "task"]):
             higher = self.higher(_mode(group["main_metric"]) or "")
+            self.add_chance_test(group, higher)
             best = group.loc[group["score_mean"].idxmax() if higher else group["score_mean"].idxmin(), "method"]
             top = group["score_mean"].max() if higher else group["score_mean"].min()
             self.summary.loc[group.index, "is_best"] = group["score_mean"].round(12) == round(float(top), 12)
@@ -572,6 +581,21 @@ class _Builder:
                 for (index, c), p in zip(results.items(), adjusted):
                     self.summary.loc[index, [f"{name}_diff", f"{name}_ci_low", f"{name}_ci_high", f"{name}_p"]] = (
                         c.diff, c.ci_low, c.ci_high, p)
+
+    def add_chance_test(self, group: pd.DataFrame, higher: bool) -> None:
+        """Each row of one model × task against its chance score (stats.above_floor, Holm-adjusted over the rows):
+        `at_chance` marks a score without evidence that it beats the best input-independent prediction (p ≥ ALPHA,
+        or a single seed that does not beat it)."""
+        tested = group[group["chance"].notna()]
+        pvalues = {index: above_floor(self.seed_scores(row["method"], row["model"], row["task"]), row["chance"],
+                                      higher) for index, row in tested.iterrows()}
+        finite = {index: p for index, p in pvalues.items() if not pd.isna(p)}
+        for index, p in zip(finite, holm(list(finite.values()))):
+            self.summary.loc[index, "vs_chance_p"] = p
+            self.summary.loc[index, "at_chance"] = p >= ALPHA
+        for index in set(pvalues) - set(finite):  # one seed: no test, only whether it beats the floor at all
+            mean, floor = tested.at[index, "score_mean"], tested.at[index, "chance"]
+            self.summary.loc[index, "at_chance"] = bool(mean <= floor if higher else mean >= floor)
 
     def within_noise_of_best(self, row: pd.Series) -> bool:
         """Not significantly different from the task's best row (the best row itself excluded)."""
@@ -688,6 +712,8 @@ class _Builder:
                     row[header] = f"**{row[header]}**"
                 elif self.within_noise_of_best(r):
                     row[header] += " ≈"
+                if r["at_chance"]:
+                    row[header] += f" {AT_CHANCE}"
             for suite in suites:
                 row[f"{suite_label(suite)} avg"] = self.suite_cell(suite, method, model)
             if rank_header is not None:
@@ -696,6 +722,14 @@ class _Builder:
             row["tuning"] = self.tuning_cell(mine)
             row.update(self.params_and_cost(method, model))
             rows.append(row)
+        floors = summary.groupby("task")["chance"].median()
+        if rows and floors.notna().any():  # the floor every score is read against, in the same units
+            chance = {column: "" for column in rows[0]}
+            chance["method"] = CHANCE_ROW
+            for task in tasks:
+                floor, metric = floors.get(task, math.nan), _mode(summary.loc[summary["task"] == task, "main_metric"])
+                chance[self.task_header(task)] = MISSING if pd.isna(floor) else self.value_text(floor, metric or "")
+            rows.append(chance)
         return pd.DataFrame(rows)
 
     def ranked_methods(self, summary: pd.DataFrame, ranks: pd.DataFrame) -> list[str]:
@@ -891,6 +925,9 @@ class _Builder:
                 )
                 if metric == main:
                     row[ci_header] = self.ci_cell(r.score_ci95_low, r.score_ci95_high, metric)
+                    row["chance"] = MISSING if pd.isna(r.chance) else self.value_text(r.chance, metric)
+                    row["> chance"] = ("" if pd.isna(r.chance) else f"{AT_CHANCE} no" if r.at_chance
+                                       else "yes" if pd.isna(r.vs_chance_p) else f"yes (p={r.vs_chance_p:.2g})")
             for name, other in (("lora", REFERENCE_METHOD), ("full", BASELINE_METHOD)):
                 row[f"Δ {other}"] = self.diff_cell(getattr(r, f"vs_{name}_diff"), getattr(r, f"vs_{name}_ci_low"),
                                                    getattr(r, f"vs_{name}_ci_high"), getattr(r, f"vs_{name}_p"), main or "")
@@ -942,6 +979,8 @@ def build_leaderboard(
     for column in KEYS:
         work[column] = work[column].fillna("unknown").astype(str)
     work["status"] = work["status"].fillna("unknown").astype(str)
+    if "chance" not in work:  # a frame built by hand or from another suite's results: no floor known
+        work["chance"] = math.nan
 
     builder = _Builder(work, directions)
     suites = builder.suite_table()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -28,6 +29,7 @@ LEADING_COLUMNS = [
     "seed",
     "main_metric",
     "score",
+    "chance",
 ]
 #: Columns after the per-metric columns.
 TRAILING_COLUMNS = [
@@ -236,6 +238,7 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
         "seed": record.get("seed"),
         "main_metric": main_metric,
         "score": _number(metrics.get(main_metric)) if main_metric else math.nan,
+        "chance": chance_score(record),
     }
     for name, value in metrics.items():
         row[METRIC_PREFIX + str(name)] = _number(value)
@@ -272,6 +275,38 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
         finished=_timestamp(_mapping(record.get("timestamps")).get("finished")),
     )
     return row
+
+
+def chance_score(record: Mapping[str, Any]) -> float:
+    """The chance score of the record's main metric on its eval split (tasks.base.Task.chance): the record's own
+    `chance` block, or, for a record written before runs recorded it, the same computed from its task's offline
+    eval split; NaN where neither exists (a tuning trial, a hub data set, a task without a floor)."""
+    main_metric = record.get("main_metric")
+    if not main_metric:
+        return math.nan
+    if "chance" in record:
+        return _number(_mapping(record.get("chance")).get(main_metric))
+    task = _mapping(_mapping(record.get("config")).get("task"))
+    if record.get("status") != "completed" or record.get("eval_split") in (None, "validation") or not task \
+            or task.get("source", "offline") != "offline":
+        return math.nan
+    return _number(dict(_offline_chance(json.dumps(task, sort_keys=True))).get(main_metric))
+
+
+@functools.lru_cache(maxsize=None)
+def _offline_chance(task_config: str) -> tuple[tuple[str, float], ...]:
+    """Task.chance of a task config's eval split (the task built from its `_target_`), once per config."""
+    from hydra.utils import instantiate
+
+    from tasks.base import Task
+
+    try:
+        task = instantiate(json.loads(task_config), _convert_="all")
+    except Exception:  # noqa: BLE001 - a task this checkout cannot build has no floor to show
+        return ()
+    if not isinstance(task, Task) or type(task).chance is Task.chance:
+        return ()  # composite tasks (merge, continual) and tasks without a floor: nothing to load
+    return tuple(task.chance(task.examples("eval")).items())
 
 
 def metric_directions(records: Iterable[Mapping[str, Any]]) -> dict[str, bool]:

@@ -31,6 +31,11 @@ here treats exactly one of them as the random unit:
     compares every pair of mean ranks with the studentized-range distribution, controlling the
     family-wise error over all pairs, and the critical-difference diagram draws that result.
 
+``above_floor`` — seeds are the unit, against a fixed number.
+    The one-sided one-sample t-test of a cell's seeds against the task's chance score (the best input-independent
+    prediction on the same eval split, a constant computed from its labels): "is this run better than predicting
+    the majority class?". The floor has no variance of its own, so Welch's two-sample test does not apply.
+
 ``holm`` adjusts a family of p-values (e.g. every method against the reference method) for multiple
 comparisons with the Holm–Bonferroni step-down procedure, which controls the family-wise error rate
 under any dependence between the tests.
@@ -56,6 +61,7 @@ from statsmodels.stats.multitest import multipletests
 
 __all__ = [
     "Comparison",
+    "above_floor",
     "FriedmanResult",
     "cd_diagram",
     "critical_difference",
@@ -163,6 +169,22 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Compar
         res = stats.ttest_ind(x, y, equal_var=False)
     ci = res.confidence_interval(confidence_level=level)
     return Comparison(diff, float(ci.low), float(ci.high), float(res.pvalue), n_a, n_b, "welch")
+
+
+def above_floor(values: Sequence[float], floor: float, higher_is_better: bool = True) -> float:
+    """One-sided p of "the mean over seeds is better than `floor`" (one-sample t, df = n − 1; NaNs dropped).
+
+    NaN with fewer than 2 values or a NaN floor (no standard error, or nothing to compare with); with every value
+    identical, 0.0 when that value is better than the floor and 1.0 otherwise (no noise: the comparison is exact).
+    """
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[~np.isnan(x)]
+    if x.size < 2 or math.isnan(floor):
+        return math.nan
+    if np.ptp(x) == 0:
+        return 0.0 if (x[0] > floor if higher_is_better else x[0] < floor) else 1.0
+    res = stats.ttest_1samp(x, floor, alternative="greater" if higher_is_better else "less")
+    return float(res.pvalue)
 
 
 # ---------------------------------------------------------------------------

@@ -434,6 +434,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             record.update(eval_split="validation", eval_note=(
                 f"tuning trial: scored on {len(eval_rows)} rows held out from train "
                 f"(protocol {cfg.protocol.name}, seed {cfg.protocol.validation.seed})"))
+        record["chance"] = task.chance(eval_rows)  # the floor of the split it is scored on (majority class, ...)
         loader = train_loader(task, train_rows, collate, cfg.train, int(cfg.seed))
         eval_rows = sorted(eval_rows, key=task.length)  # less padding; metrics do not depend on the order
         eval_loader = DataLoader(eval_rows, batch_size=cfg.train.eval_batch_size,

@@ -106,6 +106,14 @@ class Task:
                  autocast_dtype: torch.dtype | None) -> dict[str, float]:
         raise NotImplementedError
 
+    def chance(self, rows: Sequence[Any]) -> dict[str, float]:
+        """The score of the best input-independent prediction on `rows`, per metric: the floor that a fine-tuned
+        model must clear before its score says anything (the majority class of a classification task, the most
+        frequent answer of a generative one; 0 for a correlation, the expected correlation of any prediction that
+        ignores the input). The runner records it beside the metrics; the leaderboard prints it as a row and marks
+        scores not significantly above it. Default: {} (no such floor, e.g. image quality)."""
+        return {}
+
 
 #: the prefix of a training batch's second set of rows (unlearning's retain rows, beside the forget rows)
 RETAIN_PREFIX = "retain_"

@@ -506,6 +506,17 @@ class GenerativeTask(Task):
             out.append((int(batch["dataset"][i]), pick == int(batch["gold"][i])))
         return out
 
+    def chance(self, rows: Sequence[Example]) -> dict[str, float]:
+        """Per data set, the share of its rows whose gold answer is the set's most frequent one (the best constant
+        answer: "yes" on BoolQ, a choice letter, a number on GSM8K), aggregated as `metrics` aggregates scores."""
+        correct: list[tuple[int, bool]] = []
+        for d, name in enumerate(self.datasets):
+            golds = [self.gold(r) for r in rows if r.dataset == name]
+            if golds:
+                common = max(set(golds), key=golds.count)
+                correct += [(d, g == common) for g in golds]
+        return self.metrics(correct) if correct else {}
+
     def metrics(self, correct: list[tuple[int, bool]]) -> dict[str, float]:
         """The main metric: the mean over data sets of the fraction correct (the plain fraction for one data set);
         with several data sets also `<main>/<data set>` for each."""

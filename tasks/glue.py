@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,3 +100,11 @@ class GlueTask(Task):
             labels.append(batch["labels"])
         model.train(was_training)
         return compute_metrics(self.spec.name, torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy())
+
+    def chance(self, rows: Sequence[Example]) -> dict[str, float]:
+        """Per metric, the best of the constant predictions (each class in turn); correlations (STS-B): 0."""
+        gold = np.asarray([r.label for r in rows])
+        if self.spec.is_regression:
+            return {metric: 0.0 for metric in self.spec.metrics}
+        scores = [compute_metrics(self.spec.name, np.full(len(gold), c), gold) for c in range(self.spec.num_labels)]
+        return {metric: max(s[metric] for s in scores) for metric in self.spec.metrics}

@@ -206,6 +206,11 @@ class FactsTask(GenerativeTask):
     def _train_rows(self, seed: int) -> list[Any]:
         raise NotImplementedError
 
+    def chance(self, rows: Sequence[Example]) -> dict[str, float]:
+        """None: every fact has its own answer and the scores are a forget/retain trade-off, not a classification
+        with a floor."""
+        return {}
+
     def eval_collate_fn(self, tokenizer: Any) -> Callable[[Sequence[Example]], Batch]:
         """Eval batches: left-padded prompts to generate from, prompt + gold answer to score (mc_*), and the row's
         split (dataset: 0 forget, 1 retain) and index among all facts (row)."""

@@ -226,3 +226,8 @@ class ImageClassificationTask(Task):
             total += len(labels)
         model.train(was_training)
         return {"accuracy": correct / total}
+
+    def chance(self, rows: Sequence[ImageRow]) -> dict[str, float]:
+        """The majority class's share of `rows`, for every metric (each is an accuracy, shifted or not)."""
+        counts = np.bincount([r.label for r in rows], minlength=self.head.num_labels)
+        return {metric: float(counts.max() / max(len(rows), 1)) for metric in self.higher_is_better}

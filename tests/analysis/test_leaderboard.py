@@ -17,6 +17,7 @@ from scipy import stats
 from analysis.leaderboard import (
     GLUE_TASKS,
     build_leaderboard,
+    load_leaderboard,
     mean_ranks,
     rank_methods,
     t_interval,
@@ -482,3 +483,28 @@ def test_a_running_cell_of_a_method_without_results_is_counted_not_a_crash(resul
     with pytest.warns(RecordWarning, match="broken"):
         markdown = build_leaderboard(records_frame(load_records(results))).to_markdown()
     assert "1 running" in markdown
+
+
+def test_chance_row_and_marks_scores_not_above_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chance score a record carries becomes the table's last row; a score whose seeds do not beat it
+    significantly (or a single seed at or below it) is marked, one clearly above it is not."""
+    out = tmp_path / "results"
+    seeds = {"lora": [0.815, 0.812, 0.818], "full": [0.86, 0.87, 0.865], "dora": [0.80]}
+    for method, values in seeds.items():
+        monkeypatch.setitem(TRAINABLE, method, TRAINABLE.get(method, 360_000))
+        for seed, value in enumerate(values):
+            record = make_record(method, "glue/mrpc", seed, value)
+            record["chance"] = {"f1": 0.8122, "accuracy": 0.684}
+            write_record(out, record)
+    board = load_leaderboard(out)
+    table = board.model_tables[MODEL].set_index("method")
+    column = next(c for c in table.columns if c.startswith("glue/mrpc"))
+    assert table.index[-1] == "*chance*" and table.at["*chance*", column] == "81.2"
+    assert table.at["lora", column].endswith("°") and table.at["dora", column].endswith("°")
+    assert not table.at["full", column].endswith("°")
+    summary = board.summary.set_index("method")
+    assert summary.at["full", "vs_chance_p"] < 0.05 <= summary.at["lora", "vs_chance_p"]
+    details = board.task_tables["glue/mrpc"].set_index("method")
+    assert details.at["lora", "chance"] == "81.2" and details.at["lora", "> chance"] == "° no"
+    assert details.at["full", "> chance"].startswith("yes (p=")
+    assert "°" in board.legend() and "*chance*" in board.to_markdown()

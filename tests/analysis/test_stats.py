@@ -12,6 +12,7 @@ from scipy import stats
 
 from analysis.stats import (
     Comparison,
+    above_floor,
     cd_diagram,
     critical_difference,
     friedman,
@@ -305,3 +306,22 @@ def test_significance_mark_thresholds() -> None:
 
     assert (mark(0.049), mark(0.05), mark(0.5), mark(math.nan)) == ("", "n.s.", "n.s.", "n/a")
     assert significance_mark(Comparison(0.0, 0.0, 0.0, 0.02, 3, 3, "welch"), alpha=0.01) == "n.s."
+
+
+# ---------------------------------------------------------------------------
+# Against a fixed floor (the chance score)
+
+
+def test_above_floor_is_scipys_one_sided_one_sample_t() -> None:
+    x = [0.815, 0.812, 0.817]
+    p = above_floor(x, 0.812)
+    assert p == pytest.approx(stats.ttest_1samp(x, 0.812, alternative="greater").pvalue) and p > 0.05
+    assert above_floor([0.86, 0.87, 0.85], 0.812) < 0.01  # ten standard errors above the floor
+    assert above_floor([0.2, 0.25, 0.3], 0.5, higher_is_better=False) < 0.05  # a loss below its floor
+    assert above_floor([0.85, 0.86, 0.87], 0.812, higher_is_better=False) > 0.99
+
+
+def test_above_floor_degenerate_inputs() -> None:
+    assert math.isnan(above_floor([0.9], 0.5)) and math.isnan(above_floor([0.9, 0.8], math.nan))
+    assert above_floor([0.9, 0.9, 0.9], 0.5) == 0.0 and above_floor([0.5, 0.5], 0.5) == 1.0
+    assert above_floor([0.9, math.nan, 0.9], 0.5) == 0.0  # a failed seed is dropped, not a crash

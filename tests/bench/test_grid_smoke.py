@@ -62,6 +62,8 @@ def test_cell_runs_smoke(method, task, tmp_path):
     score = record["metrics"][record["main_metric"]]
     assert isinstance(score, float) and (math.isnan(score) or -1.0 <= score <= 1.0)
     assert record["params"]["trainable"] > 0 and record["curve"][-1]["step"] == cfg.train.max_steps
+    chance = record["chance"].get(record["main_metric"])  # the floor of the eval split, where the task has one
+    assert chance is None or 0.0 <= chance <= 1.0
     if model == "tiny_llama":  # generative runs record the forgetting probe before and after fine-tuning
         m = record["metrics"]
         assert m["forget_ce_increase"] == pytest.approx(m["forget_ce"] - m["forget_ce_base"])

@@ -104,6 +104,23 @@ def test_commonsense_keywords_on_real_rows(dataset):
     assert all(r.choices[r.gold] == r.response for r in rows)
 
 
+def test_chance_is_the_most_frequent_gold_answer_per_set():
+    from collections import Counter
+
+    gsm8k = Gsm8kTask()
+    rows = gsm8k.examples("eval")
+    top = Counter(r.answer for r in rows).most_common(1)[0][1]  # the most common reference number
+    assert gsm8k.chance(rows) == {"exact_match": pytest.approx(top / len(rows))}
+    task = CommonsenseTask(eval_sets=["boolq", "ARC-Easy"])
+    rows = task.examples("eval")
+    share = {s: Counter(r.answer for r in rows if r.dataset == s).most_common(1)[0][1] /
+             sum(r.dataset == s for r in rows) for s in ("boolq", "ARC-Easy")}
+    assert share["boolq"] > 0.6  # BoolQ's validation split is 62% "true"
+    assert task.chance(rows) == {"accuracy": pytest.approx((share["boolq"] + share["ARC-Easy"]) / 2),
+                                 "accuracy/boolq": pytest.approx(share["boolq"]),
+                                 "accuracy/ARC-Easy": pytest.approx(share["ARC-Easy"])}
+
+
 def test_commonsense_extraction_rules():
     assert extract_answer("ARC-Easy", "answer2, not answer1") == "answer2"  # the first keyword
     assert extract_answer("ARC-Easy", "Answer2") == ""  # case-sensitive, as commonsense_evaluate.py

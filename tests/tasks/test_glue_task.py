@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench.data import LengthGroupedBatchSampler
@@ -41,3 +42,16 @@ def test_length_grouped_sampler_covers_every_row_once_per_epoch_and_cuts_padding
     assert spread < 20  # random batches of 10 from U[1, 99] spread over ~80
     again = list(LengthGroupedBatchSampler(lengths, 10, torch.Generator().manual_seed(0), mega_batches=10))
     assert again == batches
+
+
+def test_chance_is_the_best_constant_prediction_on_the_real_dev_sets():
+    mrpc = GlueTask("mrpc")
+    rows = mrpc.examples("eval")
+    positive = sum(r.label for r in rows) / len(rows)  # 279 of 408 dev pairs are paraphrases
+    chance = mrpc.chance(rows)
+    # always "paraphrase": precision = the positive share, recall 1; accuracy: the larger class
+    assert chance["f1"] == pytest.approx(2 * positive / (1 + positive))
+    assert chance["accuracy"] == pytest.approx(max(positive, 1 - positive))
+    cola = GlueTask("cola")
+    assert cola.chance(cola.examples("eval")) == {"matthews_corr": 0.0}  # a constant prediction has MCC 0
+    assert GlueTask("stsb").chance(GlueTask("stsb").examples("eval")) == {"pearson": 0.0, "spearman": 0.0}

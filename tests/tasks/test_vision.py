@@ -69,6 +69,14 @@ def test_train_subset_is_seeded_and_eval_subset_is_fixed():
     assert "subset of 50 images" in task.eval_note
 
 
+def test_chance_is_the_majority_class_share():
+    task = cifar10()
+    assert task.chance(task.examples("eval")) == {"accuracy": 0.1}  # 100 test images per class
+    rows = task.examples("eval")
+    skewed = [r for r in rows if r.label == 3] + [r for r in rows if r.label != 3][:100]  # 100 cats of 200
+    assert task.chance(skewed) == {"accuracy": 0.5}
+
+
 def test_wrong_num_labels_names_the_key():
     with pytest.raises(ValueError, match="task.num_labels=7"):
         cifar10(num_labels=7).examples("train")
