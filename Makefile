@@ -35,7 +35,9 @@ leaderboard: install
 # every committed table, report and page that is built from records, rebuilt (after new zoo records land); the tests
 # check each against a rebuild (tests/analysis/test_tuned_leaderboard.py, test_explorer.py, tests/bench/test_catalogue.py)
 tables: install
+	$(BIN)/python -m analysis leaderboard
 	$(BIN)/python -m analysis leaderboard --results results/zoo
+	$(BIN)/python -m analysis leaderboard --results results/peft
 	$(BIN)/python -m analysis tuning --results results/zoo
 	$(BIN)/python -m analysis sharpness --reference results/zoo --results results/zoo_sharp
 	$(BIN)/python -m analysis claims
